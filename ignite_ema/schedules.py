@@ -1,0 +1,162 @@
+"""How fast the average forgets: momentum from a half-life, and warm-up rules.
+
+``momentum`` is Ignite's: the weight of the new value,
+``ema = (1 - momentum) * ema + momentum * student`` (``decay = 1 - momentum``).
+
+A half-life ``H`` (in iterations) gives, for an update that comes ``delta``
+iterations after the previous one, the momentum under which the student's
+contribution halves every ``H`` iterations whatever the update period:
+
+>>> round(momentum_from_half_life(half_life=100.0, delta=1), 6)
+0.006908
+>>> # two updates of period 1 forget exactly as much as one of period 2
+>>> one = 1 - momentum_from_half_life(100.0, 1)
+>>> two = 1 - momentum_from_half_life(100.0, 2)
+>>> abs(one * one - two) < 1e-15
+True
+
+This is the exact form of the rule ``alpha = alpha_ref * n * k / m`` (batch
+size ``n``, update period ``k``, schedule length ``m``) used to rescale an EMA
+in pycls: ``1 - 0.5 ** (k / H)`` is close to ``k * ln 2 / H`` only while that
+is small, and the linear rule overshoots (past 1, even) when it is not.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+__all__ = [
+    "HalfLife",
+    "MomentumSchedule",
+    "linear_warmup",
+    "mean_teacher_ramp",
+    "momentum_from_half_life",
+]
+
+_HALF_LIFE = re.compile(r"^\s*(?P<value>[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*(?P<unit>it|ep|dur)\s*$")
+
+
+def momentum_from_half_life(half_life: float, delta: int) -> float:
+    """``1 - 0.5 ** (delta / half_life)``, computed without cancellation for small momenta."""
+    return -math.expm1(-math.log(2.0) * delta / half_life)
+
+
+def linear_warmup(index: int, momentum_warmup: float, momentum: float, warmup_iters: int) -> float:
+    """Ignite's linear warm-up: ``momentum_warmup`` at index 1, ``momentum`` from ``warmup_iters`` on.
+
+    Same values as ``ignite.handlers.ema_handler.EMAWarmUp`` for the same index.
+
+    >>> [linear_warmup(i, 0.0, 0.5, 5) for i in (1, 3, 5, 9)]
+    [0.0, 0.25, 0.5, 0.5]
+    """
+    if index >= warmup_iters:
+        return momentum
+    value = momentum_warmup + (momentum - momentum_warmup) * (index - 1) / max(1, warmup_iters - 1)
+    return min(momentum, value) if momentum >= momentum_warmup else max(momentum, value)
+
+
+def mean_teacher_ramp(momentum: float, num_updates: int) -> float:
+    """``max(momentum, 1 / (n + 1))`` at the ``n``-th averaging update (Tarvainen & Valpola, 2017).
+
+    Until it reaches ``momentum``, the EMA is the plain average of the initial
+    weights and the ``n`` students it has seen.
+
+    >>> [mean_teacher_ramp(0.1, n) for n in (1, 3, 20)]
+    [0.5, 0.25, 0.1]
+    """
+    return max(momentum, 1.0 / (num_updates + 1))
+
+
+@dataclass(frozen=True)
+class HalfLife:
+    """A half-life in iterations (``"it"``), epochs (``"ep"``) or fractions of the run (``"dur"``)."""
+
+    value: float
+    unit: str = "it"
+
+    @classmethod
+    def parse(cls, spec: float | int | str) -> HalfLife:
+        """Read ``500``, ``"500it"``, ``"2ep"`` or ``"0.05dur"``.
+
+        >>> HalfLife.parse("2ep")
+        HalfLife(value=2.0, unit='ep')
+        """
+        if isinstance(spec, bool) or not isinstance(spec, (int, float, str)):
+            raise TypeError(f"half_life must be a number of iterations or a string like '500it', '2ep', "
+                            f"'0.05dur'; found {type(spec).__name__} {spec!r}")
+        if isinstance(spec, str):
+            match = _HALF_LIFE.match(spec)
+            if match is None:
+                raise ValueError(
+                    f"half_life must look like '500it', '2ep' or '0.05dur' (a positive number and a unit: "
+                    f"it = iterations, ep = epochs, dur = fraction of the run); found {spec!r}"
+                )
+            value, unit = float(match["value"]), match["unit"]
+        else:
+            value, unit = float(spec), "it"
+        if not (math.isfinite(value) and value > 0):
+            raise ValueError(f"half_life must be positive and finite; found {spec!r}")
+        if unit == "dur" and value > 1:
+            raise ValueError(f"a half_life in 'dur' is a fraction of the run, at most 1; found {spec!r}")
+        return cls(value, unit)
+
+    def in_iterations(self, epoch_length: int | None, max_epochs: int | None) -> float:
+        """The half-life in iterations, given the attached engine's run length."""
+        if self.unit == "it":
+            return self.value
+        if epoch_length is None:
+            raise ValueError(
+                f"half_life={self.value}{self.unit} needs the engine's epoch_length, which is not known: "
+                "pass epoch_length to engine.run() or give the half-life in iterations"
+            )
+        if self.unit == "ep":
+            return self.value * epoch_length
+        if max_epochs is None:
+            raise ValueError(f"half_life={self.value}dur needs the engine's max_epochs, which is not known")
+        return self.value * epoch_length * max_epochs
+
+
+@dataclass(frozen=True)
+class MomentumSchedule:
+    """The momentum of each update, from the counters that the handler keeps.
+
+    Args:
+        momentum: per-update momentum (used when ``half_life`` is ``None``).
+        half_life: half-life in iterations, already resolved from its unit.
+        momentum_warmup, warmup_iters: Ignite's linear warm-up, counted in
+            iterations since averaging started.
+        mean_teacher: apply :func:`mean_teacher_ramp`.
+        start_iteration: updates at iterations up to and including this one
+            copy the student (momentum 1); averaging starts after it.
+    """
+
+    momentum: float | None = None
+    half_life: float | None = None
+    momentum_warmup: float | None = None
+    warmup_iters: int | None = None
+    mean_teacher: bool = False
+    start_iteration: int = 0
+
+    def __call__(self, iteration: int, last_update_iteration: int, num_averaged: int) -> float:
+        """Momentum for an update at ``iteration``.
+
+        Args:
+            iteration: the engine's iteration at this update (1 for the first).
+            last_update_iteration: iteration of the previous update, 0 if none.
+            num_averaged: averaging (not copying) updates done before this one.
+        """
+        if iteration <= self.start_iteration:
+            return 1.0
+        if self.half_life is not None:
+            base = momentum_from_half_life(self.half_life, iteration - last_update_iteration)
+        elif self.momentum is not None:
+            base = self.momentum
+        else:
+            raise ValueError("the schedule has neither a momentum nor a half-life")
+        if self.momentum_warmup is not None and self.warmup_iters is not None:
+            base = linear_warmup(iteration - self.start_iteration, self.momentum_warmup, base, self.warmup_iters)
+        if self.mean_teacher:
+            base = mean_teacher_ramp(base, num_averaged + 1)
+        return base
