@@ -34,8 +34,8 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     while True:
         if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
             model = model.module
-        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
-            model = model._orig_mod
+        elif isinstance(inner := getattr(model, "_orig_mod", None), nn.Module):
+            model = inner  # torch.compile's OptimizedModule
         else:
             return model
 
@@ -197,7 +197,8 @@ class EMAHandler:
         param_names = {name for name, _ in self.ema_model.named_parameters()}
         self._names = list(ema_tensors)
         self._shapes = {name: t.shape for name, t in ema_tensors.items()}
-        averaged, copied = [], []
+        averaged: list[str] = []
+        copied: list[str] = []
         for name, tensor in ema_tensors.items():
             is_param = name in param_names
             if is_param or handle_buffers != "ema_train":
@@ -205,9 +206,7 @@ class EMAHandler:
                 average = floating and (is_param or handle_buffers == "update")
                 (averaged if average else copied).append(name)
         self._averaged_names, self._copied_names = averaged, copied
-        self._has_statistics = any(
-            t.is_floating_point() for n, t in ema_tensors.items() if n not in param_names
-        )
+        self._has_statistics = any(t.is_floating_point() for n, t in ema_tensors.items() if n not in param_names)
 
         student = named_tensors(self.model)
         self._averager = ShadowAverager(
@@ -390,8 +389,9 @@ class EMAHandler:
         current = self.state_dict()["tensors"]
         if not isinstance(saved, Mapping) or not all(isinstance(t, Tensor) for t in saved.values()):
             raise ValueError("EMAHandler state 'tensors' must map names to tensors")
-        _check_same_tensors({n: t.shape for n, t in current.items()}, {n: t.shape for n, t in saved.items()},
-                            "the saved state")
+        _check_same_tensors(
+            {n: t.shape for n, t in current.items()}, {n: t.shape for n, t in saved.items()}, "the saved state"
+        )
         for name, tensor in saved.items():
             if tensor.dtype != current[name].dtype:
                 raise ValueError(

@@ -51,9 +51,10 @@ def linear_warmup(index: int, momentum_warmup: float, momentum: float, warmup_it
     >>> [linear_warmup(i, 0.0, 0.5, 5) for i in (1, 3, 5, 9)]
     [0.0, 0.25, 0.5, 0.5]
     """
-    if index >= warmup_iters:
+    span = max(1, warmup_iters - 1)
+    if index - 1 >= span:  # exactly the target once reached, not a rounded interpolation of it
         return momentum
-    value = momentum_warmup + (momentum - momentum_warmup) * (index - 1) / max(1, warmup_iters - 1)
+    value = momentum_warmup + (momentum - momentum_warmup) * (index - 1) / span
     return min(momentum, value) if momentum >= momentum_warmup else max(momentum, value)
 
 
@@ -84,8 +85,10 @@ class HalfLife:
         HalfLife(value=2.0, unit='ep')
         """
         if isinstance(spec, bool) or not isinstance(spec, (int, float, str)):
-            raise TypeError(f"half_life must be a number of iterations or a string like '500it', '2ep', "
-                            f"'0.05dur'; found {type(spec).__name__} {spec!r}")
+            raise TypeError(
+                f"half_life must be a number of iterations or a string like '500it', '2ep', "
+                f"'0.05dur'; found {type(spec).__name__} {spec!r}"
+            )
         if isinstance(spec, str):
             match = _HALF_LIFE.match(spec)
             if match is None:
