@@ -528,3 +528,22 @@ def test_state_of_another_mode_or_with_missing_keys_is_refused() -> None:
         handler.load_state_dict({**handler.state_dict(), "num_updates": -1})
     with pytest.raises(TypeError, match="expected a mapping"):
         handler.load_state_dict([])  # type: ignore[arg-type]
+
+
+def test_distributed_data_parallel_is_unwrapped(tmp_path: object) -> None:
+    import torch.distributed as dist
+
+    store = dist.FileStore(str(tmp_path) + "/store", 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        model = _linear()
+        ddp = nn.parallel.DistributedDataParallel(model)
+        handler = EMAHandler(ddp, momentum=0.5)
+        assert handler.model is model
+        assert type(handler.ema_model) is nn.Linear
+        trainer = Engine(_adding_step(model))
+        handler.attach(trainer)
+        trainer.run(range(2), max_epochs=1)
+        torch.testing.assert_close(handler.ema_model.weight, torch.full((1, 2), 2.25))
+    finally:
+        dist.destroy_process_group()
