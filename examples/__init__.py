@@ -1,0 +1,1 @@
+"""Runnable examples built on ignite_ema (``python -m examples.<name>``)."""

@@ -1,0 +1,3 @@
+from examples.mean_teacher.digits import main
+
+main()
