@@ -1,0 +1,172 @@
+"""Where ignite_ema's update time goes: engine events, Python glue, the multi-tensor calls.
+
+The rows that time ignite_ema's own pieces reach into its private attributes
+(``_update``, ``_averager``, ``_schedule``, ...); a row whose attribute is gone
+is left empty rather than failing. The raw ``torch._foreach_*`` rows need no
+private access: they run on the same tensors, looked up by name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
+from typing import Any
+
+import torch
+from ignite.engine import Events
+from torch import Tensor, nn
+
+from benchmarks.contenders import BARE, MOMENTUM, Contender, EngineContender, ours_on_engine
+from benchmarks.measure import Settings, calls_for, interleaved, mean_call_seconds, median
+from benchmarks.models import ModelSpec, averaged_pairs
+from benchmarks.report import paired_ratio, print_table, us
+
+__all__ = ["engine_overheads", "forward_hook_cost", "model_breakdown", "print_breakdown"]
+
+FLOOR_ROW = "floor: one lerp_ over as many elements"
+
+
+def _attr(obj: object, path: str) -> Any:
+    """``obj.a.b`` for ``path='a.b'``, or None."""
+    for name in path.split("."):
+        obj = getattr(obj, name, None)
+        if obj is None:
+            return None
+    return obj
+
+
+def _noop(*args: object) -> None:
+    return None
+
+
+def engine_overheads(settings: Settings) -> dict[str, float]:
+    """Per-iteration engine costs, above the bare engine (us): no-op handlers, ours on a 2-tensor model."""
+    n = 500 if settings.quick else 2000
+    one, two = EngineContender("one"), EngineContender("two")
+    one.engine.add_event_handler(Events.ITERATION_COMPLETED, _noop)
+    two.engine.add_event_handler(Events.ITERATION_STARTED, _noop)
+    two.engine.add_event_handler(Events.ITERATION_COMPLETED, _noop)
+    tiny = ours_on_engine(nn.Linear(1, 1), MOMENTUM)
+    tiny.name = "tiny"
+    contenders: list[Contender] = [EngineContender(BARE), one, two, tiny]
+    times = interleaved({c.name: partial(c.timed_run, n) for c in contenders}, settings.rounds, settings.warmup)
+
+    def above_bare(name: str) -> float:
+        return us(median([(t - b) / n for t, b in zip(times[name], times[BARE], strict=True)]))
+
+    return {
+        "bare engine, per iteration": us(median(times[BARE]) / n),
+        "+ one no-op ITERATION_COMPLETED handler": above_bare("one"),
+        "+ no-op ITERATION_STARTED and ITERATION_COMPLETED handlers": above_bare("two"),
+        "+ ignite_ema attached, on nn.Linear(1, 1) (2 tensors)": above_bare("tiny"),
+    }
+
+
+def _raw_calls(handler: Any) -> dict[str, Callable[[], object]]:
+    """torch's multi-tensor calls alone, on the tensors ours averages and copies."""
+    ema_f, st_f, ema_i, st_i = averaged_pairs(handler.ema_model, handler.model)
+    det_e, det_s = [t.detach() for t in ema_f], [t.detach() for t in st_f]
+    sizes = [t.numel() for t in st_f]
+    flat_e, flat_s = (list(torch.randn(sum(sizes)).split_with_sizes(sizes)) for _ in range(2))
+    flat_all = torch.randn(sum(sizes)), torch.randn(sum(sizes))
+
+    @torch.no_grad()
+    def lerp(shadows: list[Tensor], students: list[Tensor]) -> None:
+        torch._foreach_lerp_(shadows, students, MOMENTUM)
+
+    @torch.no_grad()
+    def copy() -> None:
+        if ema_i:
+            torch._foreach_copy_(ema_i, st_i)
+
+    return {
+        FLOOR_ROW: partial(flat_all[0].lerp_, flat_all[1], MOMENTUM),
+        "    torch._foreach_lerp_, tensors as registered (Parameters)": partial(lerp, ema_f, st_f),
+        "    same, on .detach()ed views (plain Tensors)": partial(lerp, det_e, det_s),
+        "    same sizes, as views of one flat buffer": partial(lerp, flat_e, flat_s),
+        "    torch._foreach_copy_ of the integer buffers": copy,
+    }
+
+
+def _ours_calls(handler: Any, engine: Any) -> dict[str, Callable[[], object] | None]:
+    """ignite_ema's pieces, called directly (None where an attribute is missing)."""
+    update, averager, copier = (_attr(handler, a) for a in ("_update", "_averager", "_copier"))
+    schedule = _attr(handler, "_schedule")
+    return {
+        "_update() called directly (no engine)": update and partial(update, engine, "ema_momentum"),
+        "  ShadowAverager.update (averaged tensors)": averager and partial(averager.update, MOMENTUM),
+        "  ShadowAverager.copy (integer buffers)": copier and copier.copy,
+        "  MomentumSchedule call": schedule and partial(schedule, 10, 9, 8),
+        "  _check_teacher()": _attr(handler, "_check_teacher"),
+        "_assert_mode() (each ITERATION_STARTED)": _attr(handler, "_assert_mode"),
+        "_bind_student() (each STARTED, once per run)": _attr(handler, "_bind_student"),
+    }
+
+
+_ORDER = (
+    FLOOR_ROW,
+    "_update() called directly (no engine)",
+    "  ShadowAverager.update (averaged tensors)",
+    "    torch._foreach_lerp_, tensors as registered (Parameters)",
+    "    same, on .detach()ed views (plain Tensors)",
+    "    same sizes, as views of one flat buffer",
+    "  ShadowAverager.copy (integer buffers)",
+    "    torch._foreach_copy_ of the integer buffers",
+    "  MomentumSchedule call",
+    "  _check_teacher()",
+    "_assert_mode() (each ITERATION_STARTED)",
+    "_bind_student() (each STARTED, once per run)",
+)
+
+
+def model_breakdown(spec: ModelSpec, settings: Settings) -> dict[str, dict[str, float] | None]:
+    """Each piece's time per call (us) and its ratio to the floor, all measured in the same rounds."""
+    ours = ours_on_engine(spec.build(), MOMENTUM)
+    ours.timed_run(2)
+    calls = {**_raw_calls(ours.handler), **_ours_calls(ours.handler, ours.engine)}
+    runs = {label: partial(mean_call_seconds, fn, calls_for(fn)) for label, fn in calls.items() if fn is not None}
+    times = interleaved(runs, settings.rounds, settings.warmup)
+    return {
+        label: None
+        if label not in times
+        else {"us": us(median(times[label])), "x_floor": paired_ratio(times[label], times[FLOOR_ROW])}
+        for label in _ORDER
+    }
+
+
+def forward_hook_cost(settings: Settings) -> dict[str, float]:
+    """What ours' forward hook on the EMA model adds to each of its forward passes (us, nn.Linear(1, 1))."""
+    x = torch.randn(1, 1)
+    plain, hooked = nn.Linear(1, 1), nn.Linear(1, 1)
+    hook = _attr(ours_on_engine(nn.Linear(1, 1), MOMENTUM).handler, "_on_ema_forward")
+    if hook is not None:
+        hooked.register_forward_hook(hook)
+    calls = calls_for(partial(plain, x))
+    runs = {
+        name: partial(mean_call_seconds, partial(m, x), calls) for name, m in (("plain", plain), ("hooked", hooked))
+    }
+    times = interleaved(runs, settings.rounds, settings.warmup)
+    return {
+        "nn.Linear(1, 1) forward": us(median(times["plain"])),
+        "same, with ignite_ema's forward hook": us(median(times["hooked"])),
+    }
+
+
+def print_breakdown(
+    pieces: dict[str, dict[str, dict[str, float] | None]],
+    attached: dict[str, dict[str, Any]],
+    engine: dict[str, float],
+    hook: dict[str, float],
+) -> None:
+    """One table of ours' pieces per model (us and x floor), then the engine and hook costs."""
+    keys = list(pieces)
+    header = ["", *(f"{k} us" for k in keys), *(f"{k} x floor" for k in keys)]
+    first: list[object] = ["attached to an engine, per update (table)"]
+    first += [attached[k]["us_per_update"] for k in keys] + [attached[k]["ratio_to_floor"] for k in keys]
+    rows: list[list[object]] = [first]
+    for label in _ORDER:
+        cells = [pieces[k][label] for k in keys]
+        rows.append([label, *(c["us"] if c else None for c in cells), *(c["x_floor"] if c else None for c in cells)])
+    print_table("ignite_ema's update, piece by piece (per call; '-': attribute not found)", header, rows)
+    print_table("engine cost per iteration (us), model-independent", ["", "us"], [[k, v] for k, v in engine.items()])
+    print_table("forward hook on the EMA model (us per forward)", ["", "us"], [[k, v] for k, v in hook.items()])

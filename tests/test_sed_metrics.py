@@ -1,0 +1,341 @@
+"""SED scores: frame, segment, event and clip micro F1, the functions and the Ignite metric, on hand-worked cases.
+
+Expected values are worked out in the comments. The comparison with sed_eval
+itself is in tests/sed_eval_check (its own tox env).
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from ignite.engine import Engine
+from ignite.exceptions import NotComputableError
+from ignite.metrics import Precision, Recall
+
+from examples.sed_f1.metrics import (
+    Counts,
+    SEDScores,
+    activity_to_events,
+    clip_counts,
+    clip_f1,
+    event_counts,
+    event_f1,
+    frame_counts,
+    frame_f1,
+    segment_counts,
+    segment_f1,
+)
+from examples.sed_f1.metrics import _max_matching as max_matching
+
+OUR_FRAME = 0.15625  # 10-s clips, 64 model frames
+
+
+def _roll(frames: int, classes: int, clips: int | None = None) -> Any:
+    shape = (frames, classes) if clips is None else (clips, frames, classes)
+    return np.zeros(shape, dtype=bool)
+
+
+# ----------------------------------------------------------------------------- events from activity
+
+
+def test_runs_of_active_frames_become_events_in_seconds() -> None:
+    activity = _roll(64, 3)
+    activity[0:4, 0] = True  # from the first frame: 0 s
+    activity[10, 0] = True  # one frame
+    activity[60:, 2] = True  # to the last frame: ends at 64 * 0.15625 = 10 s
+    activity[5:7, 1] = True
+    assert activity_to_events(activity, OUR_FRAME) == [
+        (0.0, 0.625, 0),
+        (0.78125, 1.09375, 1),
+        (1.5625, 1.71875, 0),
+        (9.375, 10.0, 2),
+    ]
+    assert activity_to_events(_roll(64, 3), OUR_FRAME) == []
+
+
+# ----------------------------------------------------------------------------- frame and clip level
+
+
+def _ignite_micro_f1(pred: Any, target: Any) -> float:
+    """F1 from Ignite's own micro precision and recall, multilabel, as an independent reference."""
+    precision, recall = Precision(average="micro", is_multilabel=True), Recall(average="micro", is_multilabel=True)
+    y_pred, y = (
+        torch.from_numpy(pred.reshape(-1, pred.shape[-1])).long(),
+        torch.from_numpy(target.reshape(-1, pred.shape[-1])).long(),
+    )
+    for metric in (precision, recall):
+        metric.update((y_pred, y))
+    p, r = float(precision.compute()), float(recall.compute())
+    return 2 * p * r / (p + r)
+
+
+def test_frame_f1_counts_every_clip_frame_class_cell() -> None:
+    pred, target = _roll(4, 2, clips=2), _roll(4, 2, clips=2)
+    pred[0, :2, 0] = target[0, 1:3, 0] = True  # TP 1 (frame 1), FP 1, FN 1
+    pred[1, :, 1] = target[1, :, 1] = True  # TP 4
+    target[1, 0, 0] = True  # FN 1
+    assert frame_counts(pred, target) == Counts(tp=5, n_sys=6, n_ref=7)
+    assert frame_f1(pred, target) == pytest.approx(10 / 13)
+
+
+def test_frame_and_clip_f1_equal_f1_of_ignites_micro_precision_and_recall() -> None:
+    rng = np.random.default_rng(0)
+    pred, target = rng.random((5, 64, 4)) < 0.3, rng.random((5, 64, 4)) < 0.4
+    assert frame_f1(pred, target) == pytest.approx(_ignite_micro_f1(pred, target), abs=1e-9)
+    assert clip_f1(pred[:, 0], target[:, 0]) == pytest.approx(_ignite_micro_f1(pred[:, 0], target[:, 0]), abs=1e-9)
+
+
+def test_clip_f1_is_tagging_over_clip_class_pairs() -> None:
+    pred = np.array([[1, 0, 1], [0, 0, 0]])
+    target = np.array([[1, 1, 0], [0, 0, 1]])
+    # TP 1 (clip 0, class 0); FP 1 (clip 0, class 2); FN 2: 2 * 1 / (2 + 3)
+    assert clip_counts(pred, target) == Counts(tp=1, n_sys=2, n_ref=3)
+    assert clip_f1(pred, target) == pytest.approx(0.4)
+    assert clip_f1(np.array([1, 0]), np.array([1, 0])) == 1.0  # one clip's tags
+
+
+# ----------------------------------------------------------------------------- segment based
+
+
+def test_a_class_is_active_in_every_segment_its_events_touch() -> None:
+    # 0.125-s frames (exact in binary), 20 frames: a 2.5-s clip, so three 1-s segments, the last one partial
+    pred, target = _roll(20, 2), _roll(20, 2)
+    target[7:9, 0] = True  # 0.875-1.125 s spans the boundary at 1 s: segments 0 and 1
+    pred[8:16, 0] = True  # 1.0-2.0 s: segment 1 only (it ends exactly where segment 2 starts)
+    target[18:20, 1] = True  # 2.25-2.5 s: the partial segment 2
+    # reference cells {(0, 0), (1, 0), (2, 1)}, estimated {(1, 0)}: TP 1, FP 0, FN 2: 2 * 1 / (1 + 3)
+    assert segment_counts(pred, target, 0.125) == Counts(tp=1, n_sys=1, n_ref=3)
+    assert segment_f1(pred, target, 0.125) == pytest.approx(0.5)
+    # 0.5-s segments: reference {1, 2} for 0.875-1.125, {4} for 2.25-2.5, estimate {2, 3}: TP 1, FP 1, FN 2
+    assert segment_counts(pred, target, 0.125, segment_seconds=0.5) == Counts(tp=1, n_sys=2, n_ref=3)
+
+
+def _segments_on_the_frame_grid(activity: Any, frame_seconds: float, segment_seconds: float) -> Any:
+    """Plain loop: segment k of a class is active when an active frame overlaps [k s, (k + 1) s) by more than a point.
+
+    Exact for frame and segment lengths that are binary fractions, as 0.15625 and 1.0 are.
+    """
+    clips, frames, classes = activity.shape
+    n_segments = int(np.ceil(frames * frame_seconds / segment_seconds))
+    segments = np.zeros((clips, n_segments, classes), dtype=bool)
+    for clip, frame, cls in zip(*np.nonzero(activity), strict=True):
+        for k in range(n_segments):
+            start, end = k * segment_seconds, (k + 1) * segment_seconds
+            if frame * frame_seconds < end and (frame + 1) * frame_seconds > start:
+                segments[clip, k, cls] = True
+    return segments
+
+
+@pytest.mark.parametrize("segment_seconds", [1.0, 0.5])
+def test_segment_counts_match_a_frame_grid_loop(segment_seconds: float) -> None:
+    rng = np.random.default_rng(1)
+    # runs rather than salt-and-pepper: a random walk that switches state now and then
+    pred, target = (np.cumsum(rng.random((6, 64, 3)) < 0.15, axis=1) % 2 == 1 for _ in range(2))
+    ref = _segments_on_the_frame_grid(target, OUR_FRAME, segment_seconds)
+    est = _segments_on_the_frame_grid(pred, OUR_FRAME, segment_seconds)
+    expected = Counts(int((ref & est).sum()), int(est.sum()), int(ref.sum()))
+    assert segment_counts(pred, target, OUR_FRAME, segment_seconds) == expected
+
+
+# ----------------------------------------------------------------------------- event based
+
+
+def test_onset_collar_is_200_ms() -> None:
+    # 0.05-s frames; reference 1.0-2.0 s in both clips
+    pred, target = _roll(60, 1, clips=2), _roll(60, 1, clips=2)
+    target[:, 20:40] = True
+    pred[0, 23:40] = True  # onset 1.15 s: 150 ms late, matches
+    pred[1, 25:40] = True  # onset 1.25 s: 250 ms late, does not
+    assert event_counts(pred, target, 0.05) == Counts(tp=1, n_sys=2, n_ref=2)
+    assert event_f1(pred, target, 0.05) == pytest.approx(0.5)
+
+
+def test_offset_collar_is_200_ms_or_20_percent_of_a_long_reference() -> None:
+    # 0.05-s frames, 10-s clips, each with a 5-s reference (offset collar max(0.2, 0.2 * 5) = 1 s) and a 0.5-s one
+    # (collar max(0.2, 0.1) = 0.2 s); onsets are exact, offsets early or late
+    pred, target = _roll(200, 1, clips=2), _roll(200, 1, clips=2)
+    target[:, 20:120] = True  # 1.0-6.0 s
+    target[:, 140:150] = True  # 7.0-7.5 s
+    pred[0, 20:102] = True  # ends 5.1 s: 0.9 s early, within 1 s: match
+    pred[1, 20:98] = True  # ends 4.9 s: 1.1 s early: no match
+    pred[0, 140:153] = True  # ends 7.65 s: 150 ms late: match
+    pred[1, 140:155] = True  # ends 7.75 s: 250 ms late: no match
+    assert event_counts(pred, target, 0.05) == Counts(tp=2, n_sys=4, n_ref=4)
+
+
+def test_two_estimates_of_one_reference_are_one_tp_and_one_fp() -> None:
+    # 0.025-s frames; reference 1.0-1.3 s. Both estimates are within both collars of it:
+    # 0.975-1.125 s (onset 25 ms early, offset 175 ms early) and 1.15-1.325 s (150 ms late, 25 ms late)
+    pred, target = _roll(80, 1), _roll(80, 1)
+    target[40:52] = True
+    pred[39:45] = pred[46:53] = True
+    assert event_counts(pred, target, 0.025) == Counts(tp=1, n_sys=2, n_ref=1)
+    assert event_f1(pred, target, 0.025) == pytest.approx(2 / 3)
+
+
+def test_events_match_only_within_their_clip_and_class() -> None:
+    pred, target = _roll(64, 2, clips=2), _roll(64, 2, clips=2)
+    target[0, 10:20, 0] = True
+    pred[1, 10:20, 0] = True  # same times, other clip
+    pred[0, 10:20, 1] = True  # same times, other class
+    assert event_counts(pred, target, OUR_FRAME) == Counts(tp=0, n_sys=2, n_ref=1)
+
+
+def test_an_event_running_to_the_last_frame_ends_at_the_clip_end() -> None:
+    pred, target = _roll(64, 1), _roll(64, 1)
+    target[60:] = True  # 9.375-10.0 s
+    pred[61:] = True  # 9.53125-10.0 s: onset 156.25 ms late, same offset
+    assert event_counts(pred, target, OUR_FRAME) == Counts(tp=1, n_sys=1, n_ref=1)
+
+
+def test_an_onset_exactly_200_ms_off_is_decided_by_floating_point_as_in_sed_eval() -> None:
+    # 0.1-s frames: 1.0 - 8 * 0.1 = 0.19999999999999996 (in), 12 * 0.1 - 1.0 = 0.20000000000000018 (out)
+    pred, target = _roll(40, 2), _roll(40, 2)
+    target[10:20, :] = True
+    pred[8:20, 0] = True
+    pred[12:20, 1] = True
+    assert event_counts(pred, target, 0.1) == Counts(tp=1, n_sys=2, n_ref=2)
+
+
+def _brute_force_matching(hits: Any) -> int:
+    """Largest number of disjoint (reference, estimate) hits, by trying every injection of references."""
+    n_ref, n_est = hits.shape
+    best = 0
+    for assignment in itertools.product(range(-1, n_est), repeat=n_ref):
+        chosen = [e for e in assignment if e >= 0]
+        if len(chosen) == len(set(chosen)) and all(hits[r, e] for r, e in enumerate(assignment) if e >= 0):
+            best = max(best, len(chosen))
+    return best
+
+
+def test_matching_is_maximum_not_greedy() -> None:
+    # reference 0 hits estimates 0 and 1, reference 1 only estimate 0: taking the first hit for reference 0
+    # (greedy) leaves reference 1 unmatched; the maximum matching pairs 0-1 and 1-0
+    assert max_matching(np.array([[True, True], [True, False]])) == 2
+    rng = np.random.default_rng(2)
+    for _ in range(200):
+        hits = rng.random((int(rng.integers(0, 5)), int(rng.integers(0, 5)))) < 0.4
+        assert max_matching(hits) == _brute_force_matching(hits)
+
+
+# ----------------------------------------------------------------------------- edge cases
+
+
+def test_nothing_to_find_and_nothing_found_scores_zero_not_nan() -> None:
+    empty = _roll(64, 3, clips=2)
+    assert frame_f1(empty, empty) == segment_f1(empty, empty, OUR_FRAME) == event_f1(empty, empty, OUR_FRAME) == 0.0
+    assert clip_f1(empty[:, 0], empty[:, 0]) == 0.0
+    found = empty.copy()
+    found[0, 5:9, 1] = True  # only false positives
+    assert event_counts(found, empty, OUR_FRAME) == Counts(tp=0, n_sys=1, n_ref=0)
+    assert event_f1(found, empty, OUR_FRAME) == event_f1(empty, found, OUR_FRAME) == 0.0
+
+
+# ----------------------------------------------------------------------------- the Ignite metric
+
+
+def _probabilities(clips: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    # smooth-ish frame probabilities so that there are runs; a few exactly at the threshold
+    frame_probs = torch.rand(clips, 64, 3, generator=gen).cumsum(dim=1).remainder(2.0).sub(1.0).abs()
+    frame_probs[torch.rand(frame_probs.shape, generator=gen) < 0.05] = 0.5
+    clip_probs = torch.rand(clips, 3, generator=gen)
+    frame_targets = (torch.rand(clips, 64, 3, generator=gen).cumsum(dim=1).remainder(3.0) < 1.0).float()
+    return frame_probs, clip_probs, frame_targets
+
+
+def test_metric_on_an_evaluator_gives_the_functions_numbers_over_all_batches() -> None:
+    frame_probs, clip_probs, frame_targets = _probabilities(clips=10, seed=3)
+    batches = [(frame_probs[i : i + 4], clip_probs[i : i + 4], frame_targets[i : i + 4]) for i in range(0, 10, 4)]
+    evaluator = Engine(lambda engine, batch: batch)
+    SEDScores(frame_seconds=OUR_FRAME).attach(evaluator, "sed")
+
+    pred, target = (frame_probs >= 0.5).numpy(), frame_targets.bool().numpy()
+    expected = {
+        "frame_f1": frame_f1(pred, target),
+        "segment_f1": segment_f1(pred, target, OUR_FRAME),
+        "event_f1": event_f1(pred, target, OUR_FRAME),
+        "clip_f1": clip_f1((clip_probs >= 0.5).numpy(), target.any(axis=1)),
+    }
+    assert min(expected.values()) > 0 and max(expected.values()) < 1
+    for _ in range(2):  # a second run starts from zero again
+        metrics = evaluator.run(batches).metrics
+        assert metrics["sed"] == pytest.approx(expected, abs=1e-12)
+        assert {name: metrics[name] for name in expected} == metrics["sed"]  # also flattened, Ignite's default
+
+
+def test_a_probability_equal_to_the_threshold_is_active() -> None:
+    frame_probs = torch.full((1, 4, 1), 0.5)
+    metric = SEDScores(frame_seconds=0.5)
+    metric.update((frame_probs, torch.full((1, 1), 0.5), torch.ones(1, 4, 1)))
+    assert metric.compute() == {"frame_f1": 1.0, "segment_f1": 1.0, "event_f1": 1.0, "clip_f1": 1.0}
+    strict = SEDScores(frame_seconds=0.5, threshold=0.6)
+    strict.update((frame_probs, torch.full((1, 1), 0.5), torch.ones(1, 4, 1)))
+    assert strict.compute() == {"frame_f1": 0.0, "segment_f1": 0.0, "event_f1": 0.0, "clip_f1": 0.0}
+
+
+def test_metric_takes_a_dict_output_and_refuses_to_compute_before_any_clip() -> None:
+    metric = SEDScores(frame_seconds=OUR_FRAME, output_transform=lambda out: out)
+    with pytest.raises(NotComputableError, match="at least one clip"):
+        metric.compute()
+    frame_probs, clip_probs, frame_targets = _probabilities(clips=2, seed=4)
+    evaluator = Engine(
+        lambda engine, batch: {"frame_probs": batch[0], "clip_probs": batch[1], "frame_targets": batch[2]}
+    )
+    metric.attach(evaluator, "sed")
+    scores = evaluator.run([(frame_probs, clip_probs, frame_targets)]).metrics["sed"]
+    pred = (frame_probs >= 0.5).numpy()
+    assert scores["event_f1"] == event_f1(pred, frame_targets.numpy(), OUR_FRAME)
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def test_functions_reject_bad_input_saying_what_was_expected() -> None:
+    activity = _roll(64, 3, clips=2)
+    with pytest.raises(ValueError, match=r"same shape; found pred \(2, 64, 3\), target \(2, 64, 2\)"):
+        frame_f1(activity, activity[..., :2])
+    with pytest.raises(
+        ValueError, match=r"expected binary activity \[clips, frames, classes\].*found an array of shape \(64,\)"
+    ):
+        event_f1(activity[0, :, 0], activity[0, :, 0], OUR_FRAME)
+    with pytest.raises(ValueError, match=r"found the value 0\.7.*probs >= 0\.5"):
+        segment_f1(np.full((64, 3), 0.7), activity[0], OUR_FRAME)
+    with pytest.raises(ValueError, match=r"frame_seconds must be a finite number of seconds > 0; found 0"):
+        event_f1(activity, activity, 0)
+    with pytest.raises(ValueError, match=r"percentage_of_length must be in \[0, 1\]; found 20"):
+        event_counts(activity, activity, OUR_FRAME, percentage_of_length=20)
+    with pytest.raises(ValueError, match=r"\[clips, classes\] or \[classes\]"):
+        clip_f1(activity, activity)
+
+
+@pytest.mark.parametrize(
+    ("output", "message"),
+    [
+        ((torch.rand(2, 64, 3), torch.rand(2, 64, 3)), r"expected the output \(frame_probs .*found 2 items"),
+        ((torch.rand(64, 3), torch.rand(2, 3), torch.ones(64, 3)), r"found frame_probs of shape \(64, 3\)"),
+        ((torch.rand(2, 64, 3), torch.rand(2, 3), torch.ones(2, 32, 3)), r"frame_targets must have the shape"),
+        ((torch.rand(2, 64, 3), torch.rand(2, 4), torch.ones(2, 64, 3)), r"clip_probs must be \[B, C\] = \(2, 3\)"),
+        ((torch.randn(2, 64, 3) * 5, torch.rand(2, 3), torch.ones(2, 64, 3)), r"apply a sigmoid to logits"),
+        ((torch.full((2, 64, 3), float("nan")), torch.rand(2, 3), torch.ones(2, 64, 3)), r"and NaN"),
+        ((torch.rand(2, 64, 3), torch.rand(2, 3), torch.full((2, 64, 3), 0.5)), r"frame_targets must be 0/1"),
+    ],
+)
+def test_metric_rejects_bad_output_saying_what_was_expected(output: Any, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        SEDScores(frame_seconds=OUR_FRAME).update(output)
+
+
+def test_metric_rejects_bad_arguments() -> None:
+    with pytest.raises(TypeError, match=r"clip_probs must be a torch\.Tensor; found ndarray"):
+        SEDScores(frame_seconds=OUR_FRAME).update((torch.rand(1, 4, 2), np.ones((1, 2)), torch.ones(1, 4, 2)))
+    with pytest.raises(ValueError, match="frame_seconds must be a finite number of seconds > 0; found -1"):
+        SEDScores(frame_seconds=-1)
+    with pytest.raises(ValueError, match=r"threshold must be a probability in \[0, 1\]; found 2"):
+        SEDScores(frame_seconds=OUR_FRAME, threshold=2)
+    with pytest.raises(ValueError, match="t_collar must be a finite number of seconds > 0; found 0"):
+        SEDScores(frame_seconds=OUR_FRAME, t_collar=0)
