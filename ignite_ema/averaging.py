@@ -94,7 +94,9 @@ class ShadowAverager:
     ) -> None:
         if shadow_dtypes is None:
             shadow_dtypes = [shadow_dtype_for(t.dtype) for t in targets]
-        self.targets = list(targets)
+        # Plain (detached) views of the same storage: the multi-tensor kernels
+        # dispatch measurably faster on them than on nn.Parameter objects.
+        self.targets = [t.detach() for t in targets]
         # A separate shadow only where its dtype differs from the target's.
         self.shadows = [
             t if dtype == t.dtype else t.detach().to(dtype=dtype, copy=True)
@@ -121,7 +123,7 @@ class ShadowAverager:
                 raise ValueError(
                     f"pair {i}: target shape {tuple(target.shape)} differs from student shape {tuple(student.shape)}"
                 )
-        self.students = list(students)
+        self.students = [s.detach() for s in students]
         self._groups = self._group(self.shadows, self.students)
 
     @staticmethod
