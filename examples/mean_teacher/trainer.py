@@ -14,18 +14,18 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 import torch
 from ignite.engine import CallableEventWithFilter, Engine, Events
 from ignite.utils import convert_tensor
 from torch import Tensor, nn
 
-from ignite_ema import EMAHandler
 from ignite_ema.handler import unwrap_model
 
 __all__ = [
     "MeanTeacherBatch",
+    "TeacherHandler",
     "create_mean_teacher_trainer",
     "select_items",
     "sigmoid_mse",
@@ -35,6 +35,15 @@ __all__ = [
 
 Output = Any  # a tensor, or a tuple/list/dict of tensors with the batch on dim 0
 Noise = Callable[[Tensor], Tensor]
+
+
+class TeacherHandler(Protocol):
+    """An EMA handler with Ignite's interface: ``ignite_ema.EMAHandler`` or ``ignite.handlers.EMAHandler``."""
+
+    model: nn.Module
+    ema_model: nn.Module
+
+    def attach(self, engine: Engine, name: str = ..., warn_if_exists: bool = ..., event: Any = ...) -> None: ...
 
 
 class MeanTeacherBatch(NamedTuple):
@@ -94,7 +103,7 @@ def _default_prepare_batch(batch: Any, device: torch.device | str | None, non_bl
 
 def create_mean_teacher_trainer(
     student: nn.Module,
-    ema_handler: EMAHandler | None,
+    ema_handler: TeacherHandler | None,
     optimizer: torch.optim.Optimizer,
     supervised_loss: Callable[[Output, Output], Tensor],
     consistency_loss: Callable[[Output, Output], Tensor] = softmax_mse,

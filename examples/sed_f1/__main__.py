@@ -1,0 +1,3 @@
+from examples.sed_f1.cli import main
+
+main()
