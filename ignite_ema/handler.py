@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from copy import deepcopy
 from typing import Any
 
+import ignite.distributed as idist
 import torch
 from ignite.engine import CallableEventWithFilter, Engine, Events, EventsList
 from torch import Tensor, nn
@@ -18,6 +19,7 @@ from ignite_ema.schedules import HalfLife, MomentumSchedule
 __all__ = ["EMAHandler"]
 
 BUFFER_MODES = ("copy", "update", "ema_train")
+SYNC_BUFFERS_MODES = (None, "update")
 _DEFAULT_MOMENTUM = 0.0002
 
 
@@ -26,7 +28,8 @@ class _Default(float):
 
 
 _MOMENTUM_DEFAULT = _Default(_DEFAULT_MOMENTUM)
-_STATE_KEYS = ("handle_buffers", "tensors", "num_updates", "num_averaged", "last_update_iteration")
+_COUNTER_KEYS = ("num_updates", "num_averaged", "last_update_iteration", "num_skipped")
+_STATE_KEYS = ("handle_buffers", "tensors", *_COUNTER_KEYS)
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -45,6 +48,38 @@ def named_tensors(module: nn.Module) -> dict[str, Tensor]:
     tensors: dict[str, Tensor] = dict(module.named_parameters())
     tensors.update(module.named_buffers())
     return tensors
+
+
+class _RankAverage:
+    """Average fixed tensors over the ranks of ``ignite.distributed``: one all-reduce per (device, dtype).
+
+    The tensors are packed into a flat buffer allocated once, here, so a sync
+    is one copy in, one collective, one division and one copy out per group,
+    whatever the number of tensors. Every rank ends with the same bits: the
+    all-reduced sum is the same on every rank, and so is its division.
+    """
+
+    def __init__(self, tensors: Sequence[Tensor]) -> None:
+        buckets: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
+        for tensor in tensors:
+            buckets.setdefault((tensor.device, tensor.dtype), []).append(tensor.detach())
+        self._groups: list[tuple[list[Tensor], Tensor, list[Tensor]]] = []
+        for (device, dtype), members in buckets.items():
+            flat = torch.empty(sum(t.numel() for t in members), device=device, dtype=dtype)
+            views = [
+                v.view_as(t) for v, t in zip(torch.split(flat, [t.numel() for t in members]), members, strict=True)
+            ]
+            self._groups.append((members, flat, views))
+
+    @torch.no_grad()
+    def __call__(self, world_size: int) -> None:
+        for members, flat, views in self._groups:
+            torch._foreach_copy_(views, members)
+            reduced = idist.all_reduce(flat, op="SUM")
+            if isinstance(reduced, Tensor) and reduced is not flat:
+                flat.copy_(reduced)  # horovod and XLA return a new tensor; torch.distributed reduces in place
+            flat.div_(world_size)
+            torch._foreach_copy_(members, views)
 
 
 class EMAHandler:
@@ -94,6 +129,61 @@ class EMAHandler:
             otherwise: a bf16 average with momentum 2e-4 does not move at
             all. The float32 shadow costs 4 bytes per averaged element on top
             of the EMA model, which stays in the student's dtype.
+        sync_buffers: ``None`` (default) or ``"update"``. In a distributed run
+            (``torch.distributed`` through ``ignite.distributed``, world size
+            above 1) the weights of a DDP student, and so the EMA weights, are
+            the same on every rank, but the BatchNorm statistics are not: each
+            rank's student (``"copy"``, ``"update"``) or teacher
+            (``"ema_train"``) has seen its own batches, and a checkpoint keeps
+            rank 0's. With ``"update"`` the EMA model's *floating* buffers
+            (running means and variances) are all-reduced to their mean over
+            the ranks after every update, so all ranks hold the same bits.
+            Averaging ``running_var`` over ranks is the usual SyncBatchNorm-free
+            approximation: it leaves out the spread of the means between
+            ranks. Integer buffers (``num_batches_tracked``) are the same on
+            every rank and are left alone. Why at every update rather than
+            only where the statistics are read (evaluation, checkpoints): a
+            BatchNorm running statistic is a linear recurrence in the batch
+            statistics, so averaging at every update or once before the read
+            gives the same numbers up to rounding, and the update event is the
+            one point where every rank is sure to call the collective. A sync
+            hidden in ``state_dict()`` would work under Ignite's Checkpoint,
+            which calls it on every rank, but hang a hand-written
+            ``if rank == 0: torch.save(ema.state_dict())``. The price is one
+            all-reduce per update: with 2 gloo processes on a CPU, a CRNN
+            with 226 BatchNorm statistics took about 1 ms per all-reduce
+            against 20 us for the EMA update itself and 33 ms for a DDP
+            training step (about 3% of the step). To pay it only where it
+            matters, leave this ``None`` and call
+            :meth:`average_buffers_across_ranks` on every rank before
+            evaluating or checkpointing. A no-op without ``torch.distributed``
+            or with one process.
+        skip_nonfinite: skip an update when the student has NaN or Inf in any
+            floating tensor the update reads (the averaged tensors, and the
+            copied floating buffers in ``"copy"`` mode). A skipped update
+            leaves the EMA model and its shadows exactly as they were and is
+            not counted as an update: every counter the next update depends on
+            stays as it was, so the next update's ``delta`` spans the skipped
+            one. With ``half_life`` the next student then gets the weight of
+            the whole time since the last good update (the average forgets at
+            the same rate per iteration); with a fixed ``momentum`` the skipped
+            update is simply lost; the mean-teacher ramp does not advance; the
+            linear warm-up counts iterations and goes on. ``engine.state.<name>``
+            keeps the last applied momentum. Skips are counted in
+            ``state_dict()["num_skipped"]`` and published as
+            ``engine.state.<name>_skipped`` (``ema_momentum_skipped`` under
+            the default name); the first one is warned about, naming the
+            tensor. With world size above 1 the ranks agree on skipping (one
+            all-reduce of one number), so the EMA stays the same on every rank.
+            The check is one multi-tensor 2-norm per dtype group (an exact
+            per-tensor check runs only when that norm is not finite) and one
+            host synchronisation per update, which on a GPU waits for the step
+            to finish. On a CPU, one thread, it took an update from 23 to 84 us
+            on a 56k-parameter CRNN and from 1.9 to 3.3 ms on a 10.5M-parameter
+            model. Without this option a non-finite student enters the
+            average and never leaves it: ``(1 - m) * NaN`` is NaN, so every
+            later update keeps it (the way back is a checkpoint taken before
+            the NaN).
 
     Attributes:
         ema_model: the averaged model (``requires_grad`` off).
@@ -145,6 +235,8 @@ class EMAHandler:
         start_iteration: int = 0,
         device: torch.device | str | None = None,
         shadow_dtype: torch.dtype | None = None,
+        sync_buffers: str | None = None,
+        skip_nonfinite: bool = False,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise ValueError(
@@ -175,6 +267,15 @@ class EMAHandler:
         _check_count("start_iteration", start_iteration, minimum=0)
         if shadow_dtype is not None and not (isinstance(shadow_dtype, torch.dtype) and shadow_dtype.is_floating_point):
             raise TypeError(f"shadow_dtype must be a floating torch.dtype or None; found {shadow_dtype!r}")
+        if sync_buffers not in SYNC_BUFFERS_MODES:
+            raise ValueError(
+                f"sync_buffers can only be None or 'update' (average the EMA model's floating buffers over the "
+                f"ranks after every update); found {sync_buffers!r}"
+            )
+        if not isinstance(skip_nonfinite, bool):
+            raise TypeError(
+                f"skip_nonfinite must be True or False; found {type(skip_nonfinite).__name__} {skip_nonfinite!r}"
+            )
 
         self.model = unwrap_model(model)
         self.handle_buffers = handle_buffers
@@ -183,6 +284,8 @@ class EMAHandler:
         self._warmup_iters = warmup_iters
         self._mean_teacher_warmup = mean_teacher_warmup
         self._start_iteration = start_iteration
+        self._sync_buffers = sync_buffers
+        self._skip_nonfinite = skip_nonfinite
         self._schedule = self._make_schedule(None)
 
         self.ema_model = deepcopy(self.model)
@@ -220,10 +323,22 @@ class EMAHandler:
             [student[n] for n in copied],
             [ema_tensors[n].dtype for n in copied],
         )
+        # What a rank average acts on: a floating buffer's shadow when it is averaged (the next update reads the
+        # shadow), the EMA model's own buffer otherwise.
+        state_of = dict(zip(averaged, self._averager.shadows, strict=True))
+        self._rank_average = _RankAverage(
+            [
+                state_of.get(name, tensor)
+                for name, tensor in ema_tensors.items()
+                if name not in param_names and tensor.is_floating_point()
+            ]
+        )
 
         self._num_updates = 0
         self._num_averaged = 0
         self._last_update_iteration = 0
+        self._num_skipped = 0
+        self._world_size = 1
         self._trainer: Engine | None = None
         self._ran_in_iteration = False
         self._warned: set[str] = set()
@@ -264,6 +379,8 @@ class EMAHandler:
                 )
         else:
             setattr(engine.state, name, self.momentum)
+        if self._skip_nonfinite:
+            setattr(engine.state, f"{name}_skipped", self._num_skipped)
         self._trainer = engine
         engine.add_event_handler(Events.STARTED, self._on_started, name)
         engine.add_event_handler(Events.ITERATION_STARTED, self._assert_mode)
@@ -277,6 +394,10 @@ class EMAHandler:
             setattr(engine.state, name, self.momentum)
         # A new run of the same engine restarts its iteration count.
         self._last_update_iteration = min(self._last_update_iteration, engine.state.iteration)
+        if self._skip_nonfinite:  # after load_state_dict, the restored count
+            setattr(engine.state, f"{name}_skipped", self._num_skipped)
+        if self._skip_nonfinite or self._sync_buffers is not None:
+            self._world_size = idist.get_world_size()
 
     def _make_schedule(self, engine: Engine | None) -> MomentumSchedule:
         half_life = None
@@ -297,8 +418,26 @@ class EMAHandler:
         """Look the student's tensors up by name again and check they still match the EMA model."""
         student = named_tensors(self.model)
         _check_same_tensors(self._shapes, {n: t.shape for n, t in student.items()}, "the student")
+        self._check_ema_model_in_place()
         self._averager.bind([student[n] for n in self._averaged_names])
         self._copier.bind([student[n] for n in self._copied_names])
+
+    def _check_ema_model_in_place(self) -> None:
+        """The averages are written into the EMA model's tensors as they were at construction; moving or
+        converting the EMA model afterwards (``.to()``, ``.double()``) gives it new storage the handler
+        would silently stop updating."""
+        ema = named_tensors(self.ema_model)
+        names = self._averaged_names + self._copied_names
+        targets = self._averager.targets + self._copier.targets
+        for name, target in zip(names, targets, strict=True):
+            current = ema[name]
+            if current.data_ptr() != target.data_ptr() or current.dtype != target.dtype:
+                raise ValueError(
+                    f"the EMA model's tensor '{name}' was replaced after the EMAHandler was built (moved or "
+                    f"converted: now {current.dtype} on {current.device}, was {target.dtype} on {target.device}), "
+                    "so the handler can no longer update it. Build the handler with device= (and move the student "
+                    "before building it) instead of moving ema_model"
+                )
 
     # ------------------------------------------------------------ per update
 
@@ -314,6 +453,18 @@ class EMAHandler:
 
     def _update(self, engine: Engine, name: str) -> None:
         iteration = engine.state.iteration
+        if self._skip_nonfinite and not self._student_is_finite():
+            self._num_skipped += 1
+            setattr(engine.state, f"{name}_skipped", self._num_skipped)
+            self._warn_once(
+                "nonfinite",
+                f"iteration {iteration}: {self._nonfinite_description()} has NaN or Inf values, so this EMA update was "
+                "skipped and the EMA model left as it was (skip_nonfinite=True). Skipped updates are counted in "
+                f"engine.state.{name}_skipped; this warning is not repeated. Look for the cause in the student "
+                "(learning rate, loss scaling, data).",
+            )
+            self._check_teacher()
+            return
         momentum = self._schedule(iteration, self._last_update_iteration, self._num_averaged)
         if iteration <= self._start_iteration:
             self._averager.copy()
@@ -325,7 +476,57 @@ class EMAHandler:
         self._num_updates += 1
         self._last_update_iteration = iteration
         setattr(engine.state, name, momentum)
+        if self._sync_buffers == "update" and self._world_size > 1:
+            self._average_buffers(self._world_size)
         self._check_teacher()
+
+    def _student_is_finite(self) -> bool:
+        """Whether every floating student tensor the update reads is finite: one host sync, agreed by all ranks."""
+        flags = [f for f in (self._averager.students_finite(), self._copier.students_finite()) if f is not None]
+        if not flags:
+            return True
+        both = flags[0] if len(flags) == 1 else flags[0] & flags[1].to(flags[0].device)
+        finite = bool(both)  # the one host synchronisation
+        if not finite:  # a NaN, an Inf, or a norm that overflowed: the exact check, on this rare path only
+            finite = self._first_nonfinite() is None
+        if self._world_size > 1:
+            # Ranks whose students differ (BatchNorm statistics) must still skip together, or their EMAs part.
+            nonfinite_ranks = idist.all_reduce(0.0 if finite else 1.0, op="SUM")
+            return float(nonfinite_ranks) == 0.0
+        return finite
+
+    def _first_nonfinite(self) -> str | None:
+        """The name of the first student tensor the update reads that has a NaN or an Inf."""
+        for names, averager in ((self._averaged_names, self._averager), (self._copied_names, self._copier)):
+            index = averager.first_nonfinite_student()
+            if index is not None:
+                return names[index]
+        return None
+
+    def _nonfinite_description(self) -> str:
+        name = self._first_nonfinite()
+        return "a student tensor on another rank" if name is None else f"the student's tensor '{name}'"
+
+    def average_buffers_across_ranks(self) -> None:
+        """Set the EMA model's floating buffers to their mean over the ranks, now.
+
+        What ``sync_buffers="update"`` does after every update, for those who
+        would rather pay it only where the statistics are read, before an
+        evaluation or a checkpoint: BatchNorm running statistics are linear in
+        the batch statistics, so one average at the end equals an average at
+        every update, up to rounding. It is a collective: call it on every
+        rank at the same point, for instance from a handler on the trainer's
+        ``EPOCH_COMPLETED`` added before the evaluator's and the checkpoint's.
+        Integer buffers are left alone. A no-op without ``torch.distributed``
+        or with one process.
+        """
+        world_size = idist.get_world_size()
+        if world_size > 1:
+            self._average_buffers(world_size)
+
+    def _average_buffers(self, world_size: int) -> None:
+        self._rank_average(world_size)
+        self._averager.sync_targets()  # averaged buffers with a separate (float32) shadow
 
     def _check_teacher(self) -> None:
         ran, self._ran_in_iteration = self._ran_in_iteration, False
@@ -371,6 +572,7 @@ class EMAHandler:
             "num_updates": self._num_updates,
             "num_averaged": self._num_averaged,
             "last_update_iteration": self._last_update_iteration,
+            "num_skipped": self._num_skipped,
         }
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
@@ -397,7 +599,7 @@ class EMAHandler:
                 raise ValueError(
                     f"saved tensor '{name}' is {tensor.dtype}, the handler keeps it as {current[name].dtype}"
                 )
-        counters = {k: state_dict[k] for k in ("num_updates", "num_averaged", "last_update_iteration")}
+        counters = {k: state_dict[k] for k in _COUNTER_KEYS}
         for key, value in counters.items():
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"EMAHandler state '{key}' must be a non-negative int; found {value!r}")
@@ -409,23 +611,25 @@ class EMAHandler:
         self._num_updates = counters["num_updates"]
         self._num_averaged = counters["num_averaged"]
         self._last_update_iteration = counters["last_update_iteration"]
+        self._num_skipped = counters["num_skipped"]
 
 
 def _check_same_tensors(expected: Mapping[str, torch.Size], found: Mapping[str, torch.Size], what: str) -> None:
-    """Raise ValueError naming the first tensor that is missing, extra, or of another shape."""
+    """Raise ValueError naming the first tensor that is missing, extra, or of another shape, and what to do."""
+    if what == "the student":
+        hint = "was the model changed after the EMAHandler was built? Build the handler from the final model"
+    else:
+        hint = "was it saved from another model? Load a state saved by a handler of the same model"
     for name, shape in expected.items():
         if name not in found:
-            raise ValueError(f"{what} has no tensor '{name}' (shape {tuple(shape)}), which the EMA model has")
+            raise ValueError(f"{what} has no tensor '{name}' (shape {tuple(shape)}), which the EMA model has: {hint}")
         if found[name] != shape:
             raise ValueError(
-                f"tensor '{name}' has shape {tuple(found[name])} in {what}, {tuple(shape)} in the EMA model"
+                f"tensor '{name}' has shape {tuple(found[name])} in {what}, {tuple(shape)} in the EMA model: {hint}"
             )
     for name, shape in found.items():
         if name not in expected:
-            raise ValueError(
-                f"{what} has a tensor '{name}' (shape {tuple(shape)}) that the EMA model lacks: was the model "
-                "changed after the EMAHandler was built? Build the handler from the final model"
-            )
+            raise ValueError(f"{what} has a tensor '{name}' (shape {tuple(shape)}) that the EMA model lacks: {hint}")
 
 
 def _check_fraction(name: str, value: object, *, low_open: bool, high_open: bool) -> None:

@@ -547,3 +547,13 @@ def test_distributed_data_parallel_is_unwrapped(tmp_path: object) -> None:
         torch.testing.assert_close(handler.ema_model.weight, torch.full((1, 2), 2.25))
     finally:
         dist.destroy_process_group()
+
+
+def test_moving_the_ema_model_after_construction_is_an_error_not_a_silent_stop() -> None:
+    model = _linear()
+    handler = EMAHandler(model, momentum=0.5)
+    handler.ema_model.double()  # new storage: the handler could not write the averages into it any more
+    trainer = Engine(_adding_step(model))
+    handler.attach(trainer)
+    with pytest.raises(ValueError, match="EMA model's tensor 'weight' was replaced .* now torch.float64"):
+        trainer.run(range(2), max_epochs=1)

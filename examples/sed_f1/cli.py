@@ -10,7 +10,7 @@ from pathlib import Path
 from examples.sed_f1.compare import run_all
 from examples.sed_f1.data import NPZ_LAYOUT
 from examples.sed_f1.experiment import RUNS, RunResult, TrainConfig
-from examples.sed_f1.report import markdown_table, plot_curves, verdict, write_json
+from examples.sed_f1.report import markdown_table, norm_ratio_lines, plot_curves, verdict, write_json
 
 DESCRIPTION = """\
 Mean-teacher sound event detection on synthetic log-mel clips (or your own features with --data):
@@ -58,17 +58,20 @@ def main(argv: Sequence[str] | None = None) -> list[RunResult]:
 
     table = markdown_table(results)
     checks = verdict(results)
+    norms = "\n".join(f"- {line}" for line in norm_ratio_lines(results))
+    norm_note = f"Teacher / student conv weight norm, per conv layer (mean over seeds):\n\n{norms}\n"
     write_json(results, args.out / "results.json")
     (args.out / "results.md").write_text(
         f"# SED comparison\n\n{len(args.runs)} runs x {seeds} seeds, {iterations} iterations, {source}.\n"
         f"F1 in % at threshold 0.5 on the test set, mean ± std over seeds.\n\n{table}\n\n"
         + "\n".join(f"- {line}" for line in checks)
-        + "\n"
+        + f"\n\n{norm_note}"
     )
     plot_curves(results, args.out / "f1_curves.png")
 
     print(f"\nF1 (%) at threshold 0.5 on the test set, mean ± std over {seeds} seed(s):\n\n{table}\n")
     print("\n".join(checks))
+    print(f"\n{norm_note}", end="")
     print(
         f"\nThe teachers of 'ignite-copy', 'copy' and 'update' run in eval mode on statistics borrowed from the "
         f"student; 'ema_train' keeps its own.\nDone in {minutes:.1f} min. Wrote results.json, results.md, "

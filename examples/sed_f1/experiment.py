@@ -68,6 +68,8 @@ class RunResult:
     teacher: dict[str, float] | None
     student: dict[str, float]
     seconds: float
+    # per conv layer, |teacher weights| / |student weights| at the end: averaging rotating weights shrinks them
+    conv_norm_ratio: list[float] | None = None
     # iteration -> {"teacher": {...}, "student": {...}} at each evaluation, for the plot
     curve: dict[int, dict[str, dict[str, float]]] = field(default_factory=dict)
 
@@ -197,6 +199,12 @@ def train_run(
         trainer.run(mixed_batches(data, config, seed), max_epochs=1, epoch_length=config.iterations)
 
     final = curve[config.iterations]
+    norm_ratio = None
+    if teacher is not None:
+        pairs = zip(teacher.modules(), student.modules(), strict=True)
+        convs = [(t, s) for t, s in pairs if isinstance(t, nn.Conv2d) and isinstance(s, nn.Conv2d)]
+        with torch.no_grad():
+            norm_ratio = [round(float(torch.linalg.norm(t.weight) / torch.linalg.norm(s.weight)), 3) for t, s in convs]
     return RunResult(
         name=name,
         mode=RUNS[name],
@@ -204,6 +212,7 @@ def train_run(
         teacher=final.get("teacher"),
         student=final["student"],
         seconds=time.perf_counter() - start,
+        conv_norm_ratio=norm_ratio,
         curve=curve,
     )
 

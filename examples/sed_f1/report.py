@@ -39,6 +39,17 @@ def markdown_table(results: Sequence[RunResult]) -> str:
     return "\n".join(lines)
 
 
+def norm_ratio_lines(results: Sequence[RunResult]) -> list[str]:
+    """Per run, |teacher conv weights| / |student conv weights| per layer, averaged over seeds."""
+    lines = []
+    for name, rows in _by_run(results).items():
+        ratios = [r.conv_norm_ratio for r in rows if r.conv_norm_ratio]
+        if ratios:
+            means = [statistics.mean(layer) for layer in zip(*ratios, strict=True)]
+            lines.append(f"{name}: " + " / ".join(f"{m:.2f}" for m in means))
+    return lines
+
+
 def verdict(results: Sequence[RunResult], margin: float = 0.10, teacher_slack: float = 0.02) -> list[str]:
     """Does the comparison reproduce the regression? One line per check, each starting with PASS or FAIL.
 
