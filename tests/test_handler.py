@@ -555,5 +555,5 @@ def test_moving_the_ema_model_after_construction_is_an_error_not_a_silent_stop()
     handler.ema_model.double()  # new storage: the handler could not write the averages into it any more
     trainer = Engine(_adding_step(model))
     handler.attach(trainer)
-    with pytest.raises(ValueError, match="EMA model's tensor 'weight' was replaced .* now torch.float64"):
+    with pytest.raises(ValueError, match=r"EMA model's tensor 'weight' was replaced .* now torch.float64"):
         trainer.run(range(2), max_epochs=1)
