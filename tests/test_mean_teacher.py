@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import copy
 import math
+import re
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -172,3 +175,16 @@ def test_a_short_digits_run_beats_chance() -> None:
     result = run_once("ema_train", seed=0, iterations=150, labels_per_class=10, progress=False)
     assert result.teacher is not None
     assert result.student > 0.5 and result.teacher > 0.5  # chance is 0.1
+
+
+@pytest.mark.slow
+def test_the_digits_demo_runs_on_two_processes() -> None:
+    # The command a user types, in a fresh interpreter: it starts 2 gloo processes through idist.Parallel.
+    command = ["--iters", "150", "--seeds", "1", "--runs", "ema_train", "--nproc", "2", "--no-progress"]
+    done = subprocess.run(
+        [sys.executable, "-m", "examples.mean_teacher", *command], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    row = re.search(r"\| ema_train \| 1 \| ([0-9.]+) ± [0-9.]+ \| ([0-9.]+) ± [0-9.]+ \|", done.stdout)
+    assert row is not None, done.stdout
+    assert float(row[1]) > 50 and float(row[2]) > 50  # student and teacher accuracy in %, chance is 10

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -118,3 +120,28 @@ def test_the_command_line_writes_table_json_plot_and_tensorboard(
     expected = {"train/loss", "train/consistency_weight", "train/ema_momentum", "teacher/event_f1", "student/frame_f1"}
     assert expected <= tags
     assert [e.step for e in events.Scalars("teacher/frame_f1")] == [50, 100]
+
+
+@pytest.mark.slow
+def test_the_comparison_runs_each_run_on_two_processes(tmp_path: Path) -> None:
+    # The command a user types, in a fresh interpreter: each run on 2 gloo processes through idist.Parallel.
+    command = [
+        "--quick",
+        "--iters",
+        "100",
+        "--runs",
+        "ema_train",
+        "--nproc",
+        "2",
+        "--no-progress",
+        "--out",
+        str(tmp_path),
+    ]
+    done = subprocess.run(
+        [sys.executable, "-m", "examples.sed_f1", *command], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    (run,) = json.loads((tmp_path / "results.json").read_text())["runs"]
+    assert (run["name"], run["seed"]) == ("ema_train", 0)
+    assert set(run["teacher"]) == set(METRICS) and all(0.0 <= v <= 1.0 for v in run["teacher"].values())
+    assert (tmp_path / "tensorboard" / "ema_train-seed0").is_dir()  # written by rank 0

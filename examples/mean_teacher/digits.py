@@ -9,19 +9,25 @@ the student and of the teacher.
 from __future__ import annotations
 
 import argparse
+import pickle
 import statistics
+import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
+import ignite.distributed as idist
 import torch
 from ignite.engine import Engine, create_supervised_evaluator
 from ignite.handlers import ProgressBar
 from ignite.metrics import Accuracy
 from torch import Tensor, nn
 
+from examples.distributed import gloo_processes
 from examples.mean_teacher.trainer import create_mean_teacher_trainer
 from ignite_ema import EMAHandler
+from ignite_ema.handler import unwrap_model
 
 RUNS = ("supervised", "copy", "update", "ema_train")
 
@@ -94,14 +100,20 @@ class RunResult:
 
 
 def run_once(run: str, seed: int, iterations: int, labels_per_class: int, progress: bool = True) -> RunResult:
-    """Train one configuration and return its test accuracies."""
+    """Train one configuration and return its test accuracies.
+
+    Under ``torch.distributed`` (see ``--nproc``) the student is trained with DDP, each rank drawing its share
+    of every batch; the EMA statistics are averaged over the ranks and the test set is split between them.
+    """
     start = time.perf_counter()
+    rank, world = idist.get_rank(), idist.get_world_size()
     split = load_digits_split(seed, labels_per_class)
     torch.manual_seed(seed)
-    student = small_convnet()
+    student = idist.auto_model(small_convnet(), sync_bn=False)
     handler = None
     if run != "supervised":
-        handler = EMAHandler(student, momentum=0.01, handle_buffers=run, mean_teacher_warmup=True)
+        sync = "update" if world > 1 else None
+        handler = EMAHandler(student, momentum=0.01, handle_buffers=run, mean_teacher_warmup=True, sync_buffers=sync)
     optimizer = torch.optim.Adam(student.parameters(), lr=2e-3)
     trainer = create_mean_teacher_trainer(
         student,
@@ -113,14 +125,35 @@ def run_once(run: str, seed: int, iterations: int, labels_per_class: int, progre
         student_noise=jitter,
         teacher_noise=jitter,
     )
-    if progress:
+    if progress and rank == 0:
         ProgressBar(desc=f"{run} seed {seed}", persist=False).attach(trainer, output_transform=lambda out: out["loss"])
-    trainer.run(list(mixed_batches(split, iterations, 16, 48, seed)), max_epochs=1)
+    batches = mixed_batches(split, iterations, 16 // world, 48 // world, seed * 1000 + rank)
+    trainer.run(list(batches), max_epochs=1)
 
-    test = list(zip(torch.split(split.test_x, 256), torch.split(split.test_y, 256), strict=True))
-    student_acc = _accuracy(student, test)
+    test = list(zip(torch.split(split.test_x, 64), torch.split(split.test_y, 64), strict=True))[rank::world]
+    student_acc = _accuracy(unwrap_model(student), test)  # Accuracy sums its counts over the ranks
     teacher_acc = _accuracy(handler.ema_model, test) if handler is not None else None
     return RunResult(run, seed, student_acc, teacher_acc, time.perf_counter() - start)
+
+
+def _distributed_run(local_rank: int, args: tuple[str, int, int, int, bool], result_path: Path) -> None:
+    torch.set_num_threads(1)
+    result = run_once(*args)
+    if idist.get_rank() == 0:
+        result_path.write_bytes(pickle.dumps(result))
+    idist.barrier()  # no rank tears the process group down while another still uses it
+
+
+def run_on_processes(
+    nproc: int, run: str, seed: int, iterations: int, labels_per_class: int, progress: bool
+) -> RunResult:
+    """:func:`run_once` on ``nproc`` processes (DDP over gloo, started by ``idist.Parallel``)."""
+    with tempfile.TemporaryDirectory() as scratch:
+        result_path = Path(scratch) / "result.pkl"
+        with gloo_processes(nproc) as parallel:
+            parallel.run(_distributed_run, (run, seed, iterations, labels_per_class, progress), result_path)
+        result: RunResult = pickle.loads(result_path.read_bytes())
+        return result
 
 
 def _accuracy(model: nn.Module, data: Sequence[tuple[Tensor, Tensor]]) -> float:
@@ -153,13 +186,23 @@ def main(argv: Sequence[str] | None = None) -> list[RunResult]:
     parser.add_argument("--runs", nargs="+", choices=RUNS, default=list(RUNS), help="which runs to compare")
     parser.add_argument("--quick", action="store_true", help="one seed, 300 iterations: a smoke run")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument(
+        "--nproc", type=int, default=1, help="train each run on N processes (DDP over gloo, ignite.distributed)"
+    )
     args = parser.parse_args(argv)
+    if args.nproc < 1:
+        parser.error("--nproc must be at least 1")
     seeds, iterations = (1, 300) if args.quick else (args.seeds, args.iters)
 
     results = []
     for seed in range(seeds):
         for run in args.runs:
-            result = run_once(run, seed, iterations, args.labels_per_class, progress=not args.no_progress)
+            if args.nproc > 1:
+                result = run_on_processes(
+                    args.nproc, run, seed, iterations, args.labels_per_class, not args.no_progress
+                )
+            else:
+                result = run_once(run, seed, iterations, args.labels_per_class, progress=not args.no_progress)
             results.append(result)
             teacher = f", teacher {100 * result.teacher:.1f}%" if result.teacher is not None else ""
             print(f"{run:>10} seed {seed}: student {100 * result.student:.1f}%{teacher} ({result.seconds:.0f} s)")

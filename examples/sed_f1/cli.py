@@ -29,14 +29,21 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--seeds", type=int, default=3, help="seeds per run (default 3)")
     parser.add_argument("--iters", type=int, default=None, help="training iterations per run (default 1000)")
     parser.add_argument("--workers", type=int, default=2, help="worker processes, one core each (default 2)")
+    parser.add_argument(
+        "--nproc",
+        type=int,
+        default=1,
+        help="train each run on N processes (DistributedDataParallel over gloo, through ignite.distributed); "
+        "runs then go one at a time and --workers is not used (default 1)",
+    )
     parser.add_argument("--out", type=Path, default=Path("runs/sed_f1"), help="output folder (default runs/sed_f1)")
     parser.add_argument("--data", type=Path, default=None, help="a folder of .npz features instead of synthetic data")
     parser.add_argument("--runs", nargs="+", choices=list(RUNS), default=list(RUNS), help="runs to compare")
     parser.add_argument("--quick", action="store_true", help="a smoke run: 1 seed, 300 iterations, smaller data")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
-    if args.seeds < 1 or args.workers < 1 or (args.iters is not None and args.iters < 50):
-        parser.error("--seeds and --workers must be at least 1, --iters at least 50")
+    if args.seeds < 1 or args.workers < 1 or args.nproc < 1 or (args.iters is not None and args.iters < 50):
+        parser.error("--seeds, --workers and --nproc must be at least 1, --iters at least 50")
     return args
 
 
@@ -47,12 +54,13 @@ def main(argv: Sequence[str] | None = None) -> list[RunResult]:
     config = TrainConfig(iterations=iterations, eval_every=max(50, iterations // 5))
     args.out.mkdir(parents=True, exist_ok=True)
     source = f"features in {args.data}" if args.data else "synthetic data"
-    print(f"{len(args.runs)} runs x {seeds} seeds, {iterations} iterations each, on {source}, {args.workers} workers")
+    how = f"{args.nproc} processes per run" if args.nproc > 1 else f"{args.workers} workers"
+    print(f"{len(args.runs)} runs x {seeds} seeds, {iterations} iterations each, on {source}, {how}")
 
     start = time.perf_counter()
     results = run_all(
         args.runs, range(seeds), config, args.out, args.workers, args.data, quick=args.quick,
-        show_progress=not args.no_progress,
+        show_progress=not args.no_progress, nproc=args.nproc,
     )  # fmt: skip
     minutes = (time.perf_counter() - start) / 60
 

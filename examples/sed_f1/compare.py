@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import multiprocessing as mp
+import pickle
 import queue
+import tempfile
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import ignite.distributed as idist
 import torch
 from ignite.engine import Engine
 from ignite.handlers import ProgressBar
 
+from examples.distributed import gloo_processes
 from examples.sed_f1.data import SEDData, load_npz_dir, synthesize
 from examples.sed_f1.experiment import RunResult, TrainConfig, train_run
 
@@ -42,6 +46,43 @@ def _work(name: str, seed: int, config: TrainConfig, log_dir: Path, progress: An
     return train_run(name, seed, _worker_data, config, log_dir, on_iterations=progress.put, every=_TICK)
 
 
+def _distributed_job(
+    local_rank: int,
+    job: tuple[str, int],
+    config: TrainConfig,
+    log_dir: Path,
+    data_args: tuple[Path | None, int, bool],
+    result_path: Path,
+    show_progress: bool,
+) -> None:
+    """One rank of a run trained on several processes (started by ``idist.Parallel``)."""
+    torch.set_num_threads(1)
+    result = train_run(job[0], job[1], load_data(*data_args), config, log_dir, progress_bar=show_progress)
+    if idist.get_rank() == 0:
+        result_path.write_bytes(pickle.dumps(result))
+    idist.barrier()  # no rank tears the process group down while another still uses it
+
+
+def run_distributed(
+    jobs: Sequence[tuple[str, int]],
+    config: TrainConfig,
+    out: Path,
+    nproc: int,
+    data_args: tuple[Path | None, int, bool],
+    show_progress: bool,
+) -> list[RunResult]:
+    """Each run on ``nproc`` processes (DDP over gloo, through ``idist.Parallel``), one run after the other."""
+    results = []
+    with tempfile.TemporaryDirectory() as scratch:
+        for job in jobs:
+            result_path = Path(scratch) / f"{job[0]}-{job[1]}.pkl"
+            log_dir = out / "tensorboard" / f"{job[0]}-seed{job[1]}"
+            with gloo_processes(nproc) as parallel:
+                parallel.run(_distributed_job, job, config, log_dir, data_args, result_path, show_progress)
+            results.append(pickle.loads(result_path.read_bytes()))
+    return results
+
+
 def run_all(
     names: Sequence[str],
     seeds: Sequence[int],
@@ -52,9 +93,12 @@ def run_all(
     data_seed: int = 0,
     quick: bool = False,
     show_progress: bool = True,
+    nproc: int = 1,
 ) -> list[RunResult]:
-    """Train all runs, ``workers`` at a time, and return their results in (seed, run) order."""
+    """Train all runs, ``workers`` at a time (or each on ``nproc`` processes), in (seed, run) order."""
     jobs = [(name, seed) for seed in seeds for name in names]
+    if nproc > 1:
+        return run_distributed(jobs, config, out, nproc, (data_dir, data_seed, quick), show_progress)
     context = mp.get_context("spawn")  # a fresh interpreter per worker: no forked torch thread pools
     with (
         context.Manager() as manager,

@@ -21,10 +21,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import ignite.distributed as idist
 import numpy as np
 import torch
 from ignite.engine import Engine, Events
 from ignite.handlers import EMAHandler as UpstreamEMAHandler
+from ignite.handlers import ProgressBar
 from ignite.handlers.tensorboard_logger import OutputHandler, TensorboardLogger
 from torch import Tensor, nn
 
@@ -33,6 +35,7 @@ from examples.sed_f1.data import SEDData, SEDSet
 from examples.sed_f1.metrics import SEDScores
 from examples.sed_f1.model import CRNN
 from ignite_ema import BNRecalibration, EMAHandler
+from ignite_ema.handler import unwrap_model
 
 RUNS: dict[str, str] = {  # run name -> buffer mode of its teacher
     "supervised": "none",
@@ -80,11 +83,15 @@ class RunResult:
 def mixed_batches(
     data: SEDData, config: TrainConfig, seed: int
 ) -> Iterator[tuple[Tensor, tuple[Tensor, Tensor], Tensor]]:
-    """Endless ``(x, (frame_targets, clip_targets), labelled)`` batches: labelled clips first, then unlabelled ones."""
-    gen = torch.Generator().manual_seed(seed)
+    """Endless ``(x, (frame_targets, clip_targets), labelled)`` batches: labelled clips first, then unlabelled ones.
+
+    In a distributed run each rank draws its own share of the batch, from its own stream of random numbers.
+    """
+    rank, world = idist.get_rank(), idist.get_world_size()
+    gen = torch.Generator().manual_seed(seed * 1000 + rank)
     lx, ly = torch.from_numpy(data.labelled.x), torch.from_numpy(data.labelled.y)
     ux = torch.from_numpy(data.unlabelled.x)
-    n_lab, n_unl = config.labelled_per_batch, config.unlabelled_per_batch
+    n_lab, n_unl = max(1, config.labelled_per_batch // world), max(1, config.unlabelled_per_batch // world)
     unlabelled_targets = torch.zeros(n_unl, *ly.shape[1:])  # never read: the trainer masks them out
     mask = torch.arange(n_lab + n_unl) < n_lab
     while True:
@@ -125,8 +132,10 @@ def _scores(evaluator: Engine, test: list[tuple[Tensor, Tensor]]) -> dict[str, f
 
 
 def _test_batches(test: SEDSet, batch_size: int = 100) -> list[tuple[Tensor, Tensor]]:
+    """This rank's share of the test set (all of it in a single process): SEDScores sums the counts of all ranks."""
     x, y = torch.from_numpy(test.x), torch.from_numpy(test.y)
-    return list(zip(torch.split(x, batch_size), torch.split(y, batch_size), strict=True))
+    batches = list(zip(torch.split(x, batch_size), torch.split(y, batch_size), strict=True))
+    return batches[idist.get_rank() :: idist.get_world_size()]
 
 
 def train_run(
@@ -137,25 +146,31 @@ def train_run(
     log_dir: Path | None = None,
     on_iterations: Callable[[int], None] | None = None,
     every: int = 50,
+    progress_bar: bool = False,
 ) -> RunResult:
     """Train one run and evaluate teacher and student every ``config.eval_every`` iterations and at the end.
 
-    ``on_iterations(every)`` is called every ``every`` iterations (progress reporting); TensorBoard event
-    files go to ``log_dir``.
+    ``on_iterations(every)`` is called every ``every`` iterations (progress reporting), or an Ignite
+    ProgressBar shows the run (``progress_bar``); TensorBoard event files go to ``log_dir``. Under
+    ``torch.distributed`` the student is trained with DDP, each rank drawing its share of every batch, and
+    rank 0 reports and logs.
     """
     if name not in RUNS:
         raise ValueError(f"unknown run {name!r}; expected one of {list(RUNS)}")
     start = time.perf_counter()
     torch.manual_seed(seed)
     n_mels = data.labelled.x.shape[2]
-    student = CRNN(n_classes=len(data.classes), n_mels=n_mels)
+    # In a distributed run (see compare.py) the student is wrapped in DistributedDataParallel; else unchanged.
+    student = idist.auto_model(CRNN(n_classes=len(data.classes), n_mels=n_mels), sync_bn=False)
     optimizer = torch.optim.Adam(student.parameters(), lr=config.lr)
     momentum = 1.0 - config.ema_decay
     handler: EMAHandler | UpstreamEMAHandler | None = None
     if name == "ignite-copy":
         handler = UpstreamEMAHandler(student, momentum=momentum, handle_buffers="copy")
     elif name != "supervised":
-        handler = EMAHandler(student, momentum=momentum, handle_buffers=RUNS[name])
+        # Across ranks the EMA weights agree but the statistics do not: average them at each update.
+        sync = "update" if idist.get_world_size() > 1 else None
+        handler = EMAHandler(student, momentum=momentum, handle_buffers=RUNS[name], sync_buffers=sync)
     trainer = create_mean_teacher_trainer(
         student,
         handler,
@@ -168,7 +183,7 @@ def train_run(
     teacher = handler.ema_model if handler is not None else None
 
     test = _test_batches(data.test)
-    student_eval = _evaluator(student, data.frame_seconds)
+    student_eval = _evaluator(unwrap_model(student), data.frame_seconds)  # no DDP collectives in evaluation
     teacher_eval = _evaluator(teacher, data.frame_seconds) if teacher is not None else None
     curve: dict[int, dict[str, dict[str, float]]] = {}
     evaluate_at = Events.ITERATION_COMPLETED(
@@ -187,6 +202,10 @@ def train_run(
             point["teacher"] = _scores(teacher_eval, test)
         curve[engine.state.iteration] = point
 
+    if idist.get_rank() > 0:  # in a distributed run, rank 0 reports progress and logs
+        on_iterations, log_dir, progress_bar = None, None, False
+    if progress_bar:
+        ProgressBar(desc=f"{name} seed {seed}", persist=True).attach(trainer, output_transform=lambda out: out["loss"])
     if on_iterations is not None:
         trainer.add_event_handler(Events.ITERATION_COMPLETED(every=every), lambda: on_iterations(every))
     if log_dir is not None:
@@ -201,7 +220,7 @@ def train_run(
     final = curve[config.iterations]
     norm_ratio = None
     if teacher is not None:
-        pairs = zip(teacher.modules(), student.modules(), strict=True)
+        pairs = zip(teacher.modules(), unwrap_model(student).modules(), strict=True)
         convs = [(t, s) for t, s in pairs if isinstance(t, nn.Conv2d) and isinstance(s, nn.Conv2d)]
         with torch.no_grad():
             norm_ratio = [round(float(torch.linalg.norm(t.weight) / torch.linalg.norm(s.weight)), 3) for t, s in convs]
