@@ -127,7 +127,7 @@ def run_once(run: str, seed: int, iterations: int, labels_per_class: int, progre
     )
     if progress and rank == 0:
         ProgressBar(desc=f"{run} seed {seed}", persist=False).attach(trainer, output_transform=lambda out: out["loss"])
-    batches = mixed_batches(split, iterations, 16 // world, 48 // world, seed * 1000 + rank)
+    batches = mixed_batches(split, iterations, 16 // world, 48 // world, seed + 7919 * rank)
     trainer.run(list(batches), max_epochs=1)
 
     test = list(zip(torch.split(split.test_x, 64), torch.split(split.test_y, 64), strict=True))[rank::world]

@@ -88,7 +88,7 @@ def mixed_batches(
     In a distributed run each rank draws its own share of the batch, from its own stream of random numbers.
     """
     rank, world = idist.get_rank(), idist.get_world_size()
-    gen = torch.Generator().manual_seed(seed * 1000 + rank)
+    gen = torch.Generator().manual_seed(seed + 7919 * rank)  # rank 0 (and a single process) keeps the seed
     lx, ly = torch.from_numpy(data.labelled.x), torch.from_numpy(data.labelled.y)
     ux = torch.from_numpy(data.unlabelled.x)
     n_lab, n_unl = max(1, config.labelled_per_batch // world), max(1, config.unlabelled_per_batch // world)
