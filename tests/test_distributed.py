@@ -22,19 +22,9 @@ from ignite.handlers import Checkpoint, DiskSaver
 from torch import nn
 
 from ignite_ema import EMAHandler
+from tests.helpers import BNNet
 
 ITERATIONS = 8
-
-
-class _BNNet(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(3, 4, 3)
-        self.bn = nn.BatchNorm2d(4)
-        self.head = nn.Linear(4, 2)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(torch.relu(self.bn(self.conv(x))).mean(dim=(2, 3)))
 
 
 def _free_port() -> int:
@@ -73,7 +63,7 @@ def _train(
 ) -> tuple[Engine, EMAHandler, nn.Module, torch.optim.Optimizer]:
     """A DDP student (and, in "ema_train", a teacher that runs on each rank's own batches)."""
     torch.manual_seed(0)
-    student = _BNNet()
+    student = BNNet()
     model = idist.auto_model(student)  # DistributedDataParallel over gloo
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     handler = EMAHandler(
@@ -126,7 +116,7 @@ def _ddp_worker(local_rank: int, workdir: str) -> None:
     )
     trainer.run(range(ITERATIONS // 2), max_epochs=2)
     idist.barrier()  # rank 0 has written the last checkpoint
-    fresh = EMAHandler(_BNNet(), momentum=0.3)  # a resumed job on this rank
+    fresh = EMAHandler(BNNet(), momentum=0.3)  # a resumed job on this rank
     Checkpoint.load_objects({"ema": fresh}, torch.load(ckpt_dir / f"checkpoint_{ITERATIONS}.pt", weights_only=False))
     loaded = fresh.state_dict()
     torch.save(
@@ -183,7 +173,7 @@ def _skip_worker(local_rank: int, workdir: str) -> None:
 def test_ddp_ema_is_identical_on_every_rank_and_rank_0_checkpoints_load_everywhere(tmp_path: Path) -> None:
     ranks = _spawn(_ddp_worker, tmp_path)
     assert [r["world_size"] for r in ranks] == [2, 2]
-    assert ranks[0]["wrapper"] == "_BNNet"  # the DDP wrapper was unwrapped
+    assert ranks[0]["wrapper"] == "BNNet"  # the DDP wrapper was unwrapped
     history0, history1 = ranks[0]["history"], ranks[1]["history"]
     assert len(history0) == len(history1) == ITERATIONS
     params = [f"model.{name}" for name in ranks[0]["initial"]]
@@ -271,7 +261,7 @@ def test_ranks_agree_on_skipping_a_nonfinite_update(tmp_path: Path) -> None:
 
 def _run(sync_buffers: str | None) -> EMAHandler:
     torch.manual_seed(0)
-    model = _BNNet()
+    model = BNNet()
     handler = EMAHandler(model, momentum=0.3, handle_buffers="update", sync_buffers=sync_buffers)
     trainer = Engine(lambda engine, batch: model(batch))
     handler.attach(trainer)

@@ -26,8 +26,6 @@ import subprocess
 import sys
 import time
 import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -38,14 +36,14 @@ from ignite.handlers import Checkpoint, DiskSaver
 from torch import nn
 
 from ignite_ema import EMAHandler
+from tests.helpers import BNNet, image_batches, linear, no_warnings
 
 # ----------------------------------------------------------------------------- helpers
 
-
-def _linear(value: float = 1.0, dtype: torch.dtype = torch.float32) -> nn.Linear:
-    model = nn.Linear(2, 1, bias=False).to(dtype)
-    nn.init.constant_(model.weight, value)
-    return model
+# The jobs these tests kill and restart are this module, run in a new interpreter from the repository root
+# (so that ``tests.helpers`` imports there too).
+_ROOT = Path(__file__).resolve().parents[1]
+_THIS_MODULE = [sys.executable, "-m", "tests.test_failures"]
 
 
 def _set_weight(model: nn.Linear, values: list[float]) -> Engine:
@@ -55,29 +53,6 @@ def _set_weight(model: nn.Linear, values: list[float]) -> Engine:
         nn.init.constant_(model.weight, values[engine.state.iteration - 1])
 
     return Engine(step)
-
-
-class _BNNet(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(3, 4, 3)
-        self.bn = nn.BatchNorm2d(4)
-        self.head = nn.Linear(4, 2)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(torch.relu(self.bn(self.conv(x))).mean(dim=(2, 3)))
-
-
-def _batches(n: int, seed: int = 0) -> list[torch.Tensor]:
-    gen = torch.Generator().manual_seed(seed)
-    return [torch.randn(8, 3, 6, 6, generator=gen) for _ in range(n)]
-
-
-@contextmanager
-def _no_warnings() -> Iterator[None]:
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        yield
 
 
 def _clone_state(handler: EMAHandler) -> dict[str, Any]:
@@ -91,7 +66,7 @@ def _clone_state(handler: EMAHandler) -> dict[str, Any]:
 def test_skip_nonfinite_skips_the_update_leaves_the_ema_as_it_was_and_counts_it() -> None:
     nan, inf = float("nan"), float("inf")
     values = [2.0, 3.0, nan, 5.0, -inf, 7.0, inf, 8.0]
-    model = _linear(1.0)
+    model = linear(1.0)
     handler = EMAHandler(model, momentum=0.5, skip_nonfinite=True)
     trainer = _set_weight(model, values)
     handler.attach(trainer)
@@ -138,7 +113,7 @@ def test_with_half_life_the_next_update_spans_the_skipped_one() -> None:
     # spans it, the EMA after t iterations is 1 - 0.5 ** (t / H) exactly as without the NaN.
     values = [1.0] * 20
     values[3] = float("nan")
-    model = _linear(0.0)
+    model = linear(0.0)
     handler = EMAHandler(model, half_life=10, skip_nonfinite=True)
     trainer = _set_weight(model, values)
     handler.attach(trainer)
@@ -158,7 +133,7 @@ def test_with_half_life_the_next_update_spans_the_skipped_one() -> None:
 def test_mean_teacher_ramp_does_not_advance_over_a_skipped_update() -> None:
     # Until the ramp reaches the momentum, the EMA is the plain average of the initial weight and the finite students.
     values = [3.0, -1.0, float("nan"), 4.0, 1.0, float("inf"), 5.0]
-    model = _linear(0.0)
+    model = linear(0.0)
     handler = EMAHandler(model, momentum=0.1, mean_teacher_warmup=True, skip_nonfinite=True)
     trainer = _set_weight(model, values)
     handler.attach(trainer)
@@ -176,7 +151,7 @@ def test_mean_teacher_ramp_does_not_advance_over_a_skipped_update() -> None:
 
 
 def test_a_nonfinite_copied_buffer_skips_the_update() -> None:
-    model = _BNNet()
+    model = BNNet()
     handler = EMAHandler(model, momentum=0.5, skip_nonfinite=True)  # "copy": BN statistics are copied
     states: list[dict[str, Any]] = []
 
@@ -189,7 +164,7 @@ def test_a_nonfinite_copied_buffer_skips_the_update() -> None:
     handler.attach(trainer)
     trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda: states.append(_clone_state(handler)))
     with pytest.warns(UserWarning, match="'bn.running_var' has NaN or Inf"):
-        trainer.run(_batches(3), max_epochs=1)
+        trainer.run(image_batches(3), max_epochs=1)
     assert trainer.state.ema_momentum_skipped == 2
     for later in states[1:]:
         for name, tensor in states[0]["tensors"].items():
@@ -199,7 +174,7 @@ def test_a_nonfinite_copied_buffer_skips_the_update() -> None:
 def test_large_finite_students_are_not_skipped() -> None:
     # The fast check is a 2-norm, which overflows here (float32: (1e20) ** 2 > 3.4e38; fp16: 300 * sqrt(1e5) > 65504);
     # the exact check behind it must let these updates through.
-    model32 = _linear(0.0)
+    model32 = linear(0.0)
     handler32 = EMAHandler(model32, momentum=0.5, skip_nonfinite=True)
     nn.init.constant_(model32.weight, 1e20)
     model16 = nn.Linear(100_000, 1, bias=False).half()
@@ -209,7 +184,7 @@ def test_large_finite_students_are_not_skipped() -> None:
     trainer = Engine(lambda engine, batch: None)
     handler32.attach(trainer, name="m32")
     handler16.attach(trainer, name="m16")
-    with _no_warnings():
+    with no_warnings():
         trainer.run(range(2), max_epochs=1)
     assert (trainer.state.m32_skipped, trainer.state.m16_skipped) == (0, 0)
     torch.testing.assert_close(handler32.ema_model.weight, torch.full((1, 2), 0.75e20))
@@ -219,7 +194,7 @@ def test_large_finite_students_are_not_skipped() -> None:
 def test_without_skip_nonfinite_a_nan_stays_in_the_average_forever() -> None:
     # Why the option exists: (1 - m) * NaN is NaN, so one bad student poisons every later update.
     values = [2.0, float("nan"), *([3.0] * 20)]
-    model = _linear(1.0)
+    model = linear(1.0)
     handler = EMAHandler(model, momentum=0.5)
     trainer = _set_weight(model, values)
     handler.attach(trainer)
@@ -229,7 +204,7 @@ def test_without_skip_nonfinite_a_nan_stays_in_the_average_forever() -> None:
 
 
 def test_the_skip_count_is_saved_restored_and_republished() -> None:
-    model = _linear(1.0)
+    model = linear(1.0)
     source = EMAHandler(model, momentum=0.5, skip_nonfinite=True)
     trainer = _set_weight(model, [2.0, float("nan"), 4.0])
     source.attach(trainer)
@@ -238,7 +213,7 @@ def test_the_skip_count_is_saved_restored_and_republished() -> None:
     state = source.state_dict()
     assert state["num_skipped"] == 1
 
-    target = EMAHandler(_linear(1.0), momentum=0.5, skip_nonfinite=True)
+    target = EMAHandler(linear(1.0), momentum=0.5, skip_nonfinite=True)
     target.load_state_dict(state)
     assert target.state_dict()["num_skipped"] == 1
     resumed = Engine(lambda engine, batch: None)
@@ -266,12 +241,12 @@ def test_the_skip_count_is_saved_restored_and_republished() -> None:
 )
 def test_bad_new_options_are_rejected_clearly(kwargs: dict[str, object], error: type[Exception], message: str) -> None:
     with pytest.raises(error, match=message):
-        EMAHandler(_linear(), **kwargs)  # type: ignore[arg-type]
+        EMAHandler(linear(), **kwargs)  # type: ignore[arg-type]
 
 
 def test_new_options_are_keyword_only() -> None:
     with pytest.raises(TypeError, match="positional argument"):
-        EMAHandler(_linear(), 0.1, None, None, "copy", "update")  # type: ignore[call-arg]
+        EMAHandler(linear(), 0.1, None, None, "copy", "update")  # type: ignore[call-arg]
 
 
 @pytest.mark.parametrize(
@@ -284,7 +259,7 @@ def test_new_options_are_keyword_only() -> None:
     ],
 )
 def test_bad_states_are_refused_and_nothing_is_loaded(change: dict[str, object], message: str) -> None:
-    handler = EMAHandler(_linear(5.0), momentum=0.5, skip_nonfinite=True)
+    handler = EMAHandler(linear(5.0), momentum=0.5, skip_nonfinite=True)
     before = _clone_state(handler)
     with pytest.raises(ValueError, match=re.escape(message)):
         handler.load_state_dict({**handler.state_dict(), **change})
@@ -294,7 +269,7 @@ def test_bad_states_are_refused_and_nothing_is_loaded(change: dict[str, object],
 
 
 def test_a_saved_state_with_an_extra_tensor_is_refused() -> None:
-    handler = EMAHandler(_linear(5.0), momentum=0.5)
+    handler = EMAHandler(linear(5.0), momentum=0.5)
     state = handler.state_dict()
     state = {**state, "tensors": {**state["tensors"], "bias": torch.zeros(1)}}
     with pytest.raises(
@@ -327,9 +302,9 @@ def test_a_student_that_gained_or_lost_a_tensor_is_an_error_when_the_run_starts(
 
 def test_attaching_under_a_name_the_engine_state_already_has_warns() -> None:
     trainer = Engine(lambda engine, batch: None)
-    EMAHandler(_linear(), momentum=0.5).attach(trainer)
+    EMAHandler(linear(), momentum=0.5).attach(trainer)
     with pytest.warns(UserWarning, match="Attribute 'ema_momentum' already exists in Engine.state"):
-        EMAHandler(_linear(), momentum=0.5).attach(trainer)
+        EMAHandler(linear(), momentum=0.5).attach(trainer)
 
 
 # ----------------------------------------------------------------------------- the jobs the crash tests start
@@ -447,7 +422,7 @@ def _job(phase: str, workdir: Path, n_saved: int = 2) -> None:
 
 def _run_until_marker(args: list[str], marker: Path, timeout: float = 60.0) -> subprocess.Popen[bytes]:
     """Start the job, wait for ``marker``, SIGKILL it; the job must not have finished by itself."""
-    proc = subprocess.Popen([sys.executable, __file__, *args])
+    proc = subprocess.Popen([*_THIS_MODULE, *args], cwd=_ROOT)
     deadline = time.monotonic() + timeout
     while not marker.exists():
         if proc.poll() is not None:
@@ -470,10 +445,10 @@ def test_a_run_killed_after_a_checkpoint_resumes_to_bit_identical_ema(tmp_path: 
     full_dir, crash_dir = tmp_path / "full", tmp_path / "crash"
     full_dir.mkdir()
     crash_dir.mkdir()
-    full_job = subprocess.Popen([sys.executable, __file__, "full", str(full_dir)])
+    full_job = subprocess.Popen([*_THIS_MODULE, "full", str(full_dir)], cwd=_ROOT)
     _run_until_marker(["crash", str(crash_dir)], crash_dir / "ready")
     assert not (crash_dir / "crash.pt").exists()
-    subprocess.run([sys.executable, __file__, "resume", str(crash_dir)], check=True)
+    subprocess.run([*_THIS_MODULE, "resume", str(crash_dir)], check=True, cwd=_ROOT)
     assert full_job.wait(timeout=120) == 0
 
     start = int((crash_dir / "resumed_from").read_text())

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import warnings
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -12,12 +10,7 @@ from ignite.engine import Engine, Events, create_supervised_evaluator
 from torch import nn
 
 from ignite_ema import EMAHandler
-
-
-def _linear(value: float = 1.0, dtype: torch.dtype = torch.float32) -> nn.Linear:
-    model = nn.Linear(2, 1, bias=False).to(dtype)
-    nn.init.constant_(model.weight, value)
-    return model
+from tests.helpers import BNNet, image_batches, linear, no_warnings
 
 
 def _adding_step(model: nn.Module, amount: float = 1.0) -> Callable[[Engine, object], None]:
@@ -31,35 +24,12 @@ def _adding_step(model: nn.Module, amount: float = 1.0) -> Callable[[Engine, obj
     return step
 
 
-class _BNNet(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(3, 4, 3)
-        self.bn = nn.BatchNorm2d(4)
-        self.head = nn.Linear(4, 2)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(torch.relu(self.bn(self.conv(x))).mean(dim=(2, 3)))
-
-
-def _batches(n: int, seed: int = 0) -> list[torch.Tensor]:
-    gen = torch.Generator().manual_seed(seed)
-    return [torch.randn(8, 3, 6, 6, generator=gen) for _ in range(n)]
-
-
-@contextmanager
-def _no_warnings() -> Iterator[None]:
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        yield
-
-
 # ----------------------------------------------------------------------------- averaging and momentum
 
 
 @pytest.mark.parametrize("every", [1, 3])
 def test_weights_follow_a_plain_loop_with_a_filter(every: int) -> None:
-    model = _linear()
+    model = linear()
     handler = EMAHandler(model, momentum=0.3)
     trainer = Engine(_adding_step(model))
     handler.attach(trainer, event=Events.ITERATION_COMPLETED(every=every))
@@ -78,7 +48,7 @@ def test_weights_follow_a_plain_loop_with_a_filter(every: int) -> None:
 def test_half_life_keeps_the_time_constant_under_every_k(every: int) -> None:
     # The student jumps from 0 to 1 right after the handler is built; after t
     # iterations the EMA must be 1 - 0.5 ** (t / H), whatever the update period.
-    model = _linear(0.0)
+    model = linear(0.0)
     handler = EMAHandler(model, half_life=20)
     nn.init.constant_(model.weight, 1.0)
     trainer = Engine(lambda engine, batch: None)
@@ -91,7 +61,7 @@ def test_half_life_keeps_the_time_constant_under_every_k(every: int) -> None:
 
 @pytest.mark.parametrize(("spec", "iterations"), [("3ep", 30), ("0.25dur", 20), ("7it", 7), (7, 7)])
 def test_half_life_units_are_resolved_when_the_run_starts(spec: str | int, iterations: int) -> None:
-    model = _linear()
+    model = linear()
     handler = EMAHandler(model, half_life=spec)
     trainer = Engine(lambda engine, batch: None)
     handler.attach(trainer, name="teacher_momentum")
@@ -103,7 +73,7 @@ def test_half_life_units_are_resolved_when_the_run_starts(spec: str | int, itera
 
 
 def test_linear_warmup_works_under_any_name_and_counts_iterations() -> None:
-    model = _linear()
+    model = linear()
     handler = EMAHandler(model, 0.5, 0.0, 5)
     trainer = Engine(_adding_step(model))
     handler.attach(trainer, name="teacher_momentum", event=Events.ITERATION_COMPLETED(every=2))
@@ -124,7 +94,7 @@ def test_linear_warmup_works_under_any_name_and_counts_iterations() -> None:
 
 
 def test_mean_teacher_warmup_is_the_plain_average_until_it_reaches_momentum() -> None:
-    model = _linear(0.0)
+    model = linear(0.0)
     handler = EMAHandler(model, momentum=0.1, mean_teacher_warmup=True)
     values = [3.0, -1.0, 4.0, 1.0, 5.0, 9.0, 2.0, 6.0]
     trainer = Engine(lambda engine, batch: nn.init.constant_(model.weight, values[engine.state.iteration - 1]))
@@ -140,7 +110,7 @@ def test_mean_teacher_warmup_is_the_plain_average_until_it_reaches_momentum() ->
 
 
 def test_start_iteration_copies_the_student_until_then() -> None:
-    model = _linear()
+    model = linear()
     handler = EMAHandler(model, momentum=0.5, start_iteration=3)
     trainer = Engine(_adding_step(model))
     handler.attach(trainer)
@@ -153,7 +123,7 @@ def test_start_iteration_copies_the_student_until_then() -> None:
 
 
 def test_two_handlers_with_their_own_names() -> None:
-    model_a, model_b = _linear(), _linear()
+    model_a, model_b = linear(), linear()
     fast, slow = EMAHandler(model_a, momentum=0.5), EMAHandler(model_b, half_life=2)
 
     def step(engine: Engine, batch: object) -> None:
@@ -175,7 +145,7 @@ def test_two_handlers_with_their_own_names() -> None:
 
 def _train_bn(model: nn.Module, handler: EMAHandler, iterations: int = 4) -> list[dict[str, torch.Tensor]]:
     """Run the student on batches; return the student's buffers after each iteration."""
-    data = _batches(iterations)
+    data = image_batches(iterations)
     snapshots: list[dict[str, torch.Tensor]] = []
 
     def step(engine: Engine, batch: torch.Tensor) -> None:
@@ -192,20 +162,20 @@ def _train_bn(model: nn.Module, handler: EMAHandler, iterations: int = 4) -> lis
 
 
 def test_copy_mode_copies_buffers_by_value() -> None:
-    model = _BNNet()
+    model = BNNet()
     handler = EMAHandler(model, momentum=0.5)
     snapshots = _train_bn(model, handler)
     ema_bn, student_bn = handler.ema_model.bn, model.bn
     for name in ("running_mean", "running_var", "num_batches_tracked"):
         assert torch.equal(getattr(ema_bn, name), snapshots[-1][f"bn.{name}"])
         assert getattr(ema_bn, name).data_ptr() != getattr(student_bn, name).data_ptr()
-    model(_batches(1, seed=9)[0])  # the student moves on; the EMA model must not
+    model(image_batches(1, seed=9)[0])  # the student moves on; the EMA model must not
     assert torch.equal(ema_bn.running_mean, snapshots[-1]["bn.running_mean"])
     assert not handler.ema_model.training
 
 
 def test_update_mode_averages_floating_buffers_and_copies_integer_ones() -> None:
-    model = _BNNet()
+    model = BNNet()
     initial = {k: v.clone() for k, v in model.named_buffers()}
     handler = EMAHandler(model, momentum=0.25, handle_buffers="update")
     snapshots = _train_bn(model, handler)
@@ -219,10 +189,10 @@ def test_update_mode_averages_floating_buffers_and_copies_integer_ones() -> None
 
 
 def test_ema_train_mode_leaves_buffers_to_the_teachers_own_forward() -> None:
-    model = _BNNet()
+    model = BNNet()
     handler = EMAHandler(model, momentum=0.5, handle_buffers="ema_train")
     teacher = handler.ema_model
-    data = _batches(3)
+    data = image_batches(3)
     expected_mean = teacher.bn.running_mean.clone()
     modes: list[bool] = []
 
@@ -237,7 +207,7 @@ def test_ema_train_mode_leaves_buffers_to_the_teachers_own_forward() -> None:
 
     trainer = Engine(step)
     handler.attach(trainer)
-    with _no_warnings():
+    with no_warnings():
         trainer.run(data, max_epochs=1)
     assert modes == [True, True, True]
     torch.testing.assert_close(teacher.bn.running_mean, expected_mean)
@@ -245,7 +215,7 @@ def test_ema_train_mode_leaves_buffers_to_the_teachers_own_forward() -> None:
 
 
 def test_ema_train_teacher_is_back_in_train_mode_after_an_evaluator() -> None:
-    model = _BNNet()
+    model = BNNet()
     handler = EMAHandler(model, momentum=0.5, handle_buffers="ema_train")
     teacher = handler.ema_model
     modes: list[bool] = []
@@ -258,11 +228,11 @@ def test_ema_train_teacher_is_back_in_train_mode_after_an_evaluator() -> None:
     trainer = Engine(step)
     handler.attach(trainer)
     evaluator = create_supervised_evaluator(teacher)
-    labelled = [(x, torch.zeros(8, dtype=torch.long)) for x in _batches(2)]
+    labelled = [(x, torch.zeros(8, dtype=torch.long)) for x in image_batches(2)]
     eval_modes: list[bool] = []
     evaluator.add_event_handler(Events.ITERATION_COMPLETED, lambda: eval_modes.append(teacher.training))
     trainer.add_event_handler(Events.EPOCH_COMPLETED, lambda: evaluator.run(labelled))
-    trainer.run(_batches(3), max_epochs=3)
+    trainer.run(image_batches(3), max_epochs=3)
     assert modes == [True] * 9
     assert eval_modes == [False] * 6
 
@@ -271,7 +241,7 @@ def test_ema_train_teacher_is_back_in_train_mode_after_an_evaluator() -> None:
 
 
 def test_a_teacher_in_copy_mode_is_warned_about_once() -> None:
-    model = _BNNet()
+    model = BNNet()
     handler = EMAHandler(model, momentum=0.5)
 
     def step(engine: Engine, batch: torch.Tensor) -> None:
@@ -282,37 +252,37 @@ def test_a_teacher_in_copy_mode_is_warned_about_once() -> None:
     trainer = Engine(step)
     handler.attach(trainer)
     with pytest.warns(UserWarning, match="handle_buffers='ema_train'") as record:
-        trainer.run(_batches(3), max_epochs=1)
+        trainer.run(image_batches(3), max_epochs=1)
     assert len([w for w in record if "ema_train" in str(w.message)]) == 1
 
 
 def test_evaluating_the_ema_model_between_iterations_is_not_a_teacher() -> None:
-    model = _BNNet()
+    model = BNNet()
     handler = EMAHandler(model, momentum=0.5)
     trainer = Engine(lambda engine, batch: model(batch))
     handler.attach(trainer)
     evaluator = create_supervised_evaluator(handler.ema_model)
-    labelled = [(x, torch.zeros(8, dtype=torch.long)) for x in _batches(2)]
+    labelled = [(x, torch.zeros(8, dtype=torch.long)) for x in image_batches(2)]
     trainer.add_event_handler(Events.ITERATION_COMPLETED(every=2), lambda: evaluator.run(labelled))
     trainer.add_event_handler(Events.EPOCH_COMPLETED, lambda: evaluator.run(labelled))
-    with _no_warnings():
-        trainer.run(_batches(4), max_epochs=2)
+    with no_warnings():
+        trainer.run(image_batches(4), max_epochs=2)
 
 
 def test_ema_train_without_teacher_forwards_is_warned_about() -> None:
-    model = _BNNet()
+    model = BNNet()
     handler = EMAHandler(model, momentum=0.5, handle_buffers="ema_train")
     trainer = Engine(lambda engine, batch: model(batch))
     handler.attach(trainer)
     with pytest.warns(UserWarning, match="statistics do not move"):
-        trainer.run(_batches(2), max_epochs=1)
+        trainer.run(image_batches(2), max_epochs=1)
 
 
 # ----------------------------------------------------------------------------- models, dtypes, wrappers
 
 
 def test_bf16_student_gets_a_float32_shadow_and_a_bf16_ema_model() -> None:
-    model = _linear(0.0, torch.bfloat16)
+    model = linear(0.0, torch.bfloat16)
     handler = EMAHandler(model, momentum=2e-4)
     nn.init.constant_(model.weight, 1.0)
     trainer = Engine(lambda engine, batch: None)
@@ -328,7 +298,7 @@ def test_bf16_student_gets_a_float32_shadow_and_a_bf16_ema_model() -> None:
 
 def test_shadow_dtype_can_be_forced_and_then_bf16_stalls() -> None:
     # The reason for the default: averaged in bf16, the same run stays far below the closed form.
-    model = _linear(0.0, torch.bfloat16)
+    model = linear(0.0, torch.bfloat16)
     handler = EMAHandler(model, momentum=2e-4, shadow_dtype=torch.bfloat16)
     nn.init.constant_(model.weight, 1.0)
     trainer = Engine(lambda engine, batch: None)
@@ -338,13 +308,13 @@ def test_shadow_dtype_can_be_forced_and_then_bf16_stalls() -> None:
 
 
 def test_device_argument_places_the_ema_model() -> None:
-    handler = EMAHandler(_linear(dtype=torch.float64), momentum=0.5, device="cpu")
+    handler = EMAHandler(linear(dtype=torch.float64), momentum=0.5, device="cpu")
     assert handler.ema_model.weight.device == torch.device("cpu")
 
 
 @pytest.mark.parametrize("wrap", ["dataparallel", "compile"])
 def test_wrappers_are_unwrapped(wrap: str) -> None:
-    model = _linear()
+    model = linear()
     wrapped: nn.Module = nn.DataParallel(model) if wrap == "dataparallel" else torch.compile(model)  # type: ignore[assignment]
     handler = EMAHandler(wrapped, momentum=0.5)
     assert handler.model is model
@@ -376,7 +346,7 @@ def test_tied_parameters_are_averaged_once() -> None:
 
 def test_buffers_replaced_by_to_are_followed() -> None:
     # model.to() gives buffers new tensor objects; the handler looks them up again when a run starts.
-    model = _BNNet()
+    model = BNNet()
     handler = EMAHandler(model, momentum=0.5)
     model.to(torch.float64)
     model.to(torch.float32)
@@ -385,7 +355,7 @@ def test_buffers_replaced_by_to_are_followed() -> None:
 
 
 def test_a_student_changed_after_construction_is_an_error_naming_the_tensor() -> None:
-    model = _BNNet()
+    model = BNNet()
     handler = EMAHandler(model, momentum=0.5)
     model.head = nn.Linear(4, 3)
     trainer = Engine(lambda engine, batch: None)
@@ -395,7 +365,7 @@ def test_a_student_changed_after_construction_is_an_error_naming_the_tensor() ->
 
 
 def test_ema_model_is_frozen_and_a_deep_copy() -> None:
-    model = _BNNet()
+    model = BNNet()
     handler = EMAHandler(model)
     assert all(not p.requires_grad for p in handler.ema_model.parameters())
     assert all(p.requires_grad for p in model.parameters())
@@ -435,7 +405,7 @@ def test_ema_model_is_frozen_and_a_deep_copy() -> None:
 )
 def test_bad_arguments_are_rejected_clearly(kwargs: dict[str, object], error: type[Exception], message: str) -> None:
     with pytest.raises(error, match=message):
-        EMAHandler(_linear(), **kwargs)  # type: ignore[arg-type]
+        EMAHandler(linear(), **kwargs)  # type: ignore[arg-type]
 
 
 def test_a_non_module_model_is_rejected() -> None:
@@ -445,11 +415,11 @@ def test_a_non_module_model_is_rejected() -> None:
 
 def test_attach_needs_an_engine() -> None:
     with pytest.raises(TypeError, match="attach expects an ignite Engine; found list"):
-        EMAHandler(_linear()).attach([])  # type: ignore[arg-type]
+        EMAHandler(linear()).attach([])  # type: ignore[arg-type]
 
 
 def test_an_epoch_half_life_without_a_known_epoch_length_is_an_error() -> None:
-    handler = EMAHandler(_linear(), half_life="1ep")
+    handler = EMAHandler(linear(), half_life="1ep")
     trainer = Engine(lambda engine, batch: None)
     handler.attach(trainer)
     with pytest.raises(ValueError, match="needs the engine's epoch_length"):
@@ -460,7 +430,7 @@ def test_an_epoch_half_life_without_a_known_epoch_length_is_an_error() -> None:
 
 
 def _trained_handler(mode: str = "copy") -> tuple[nn.Module, EMAHandler]:
-    model = _BNNet()
+    model = BNNet()
     handler = EMAHandler(model, momentum=0.5, handle_buffers=mode)
     _train_bn(model, handler, iterations=3)
     return model, handler
@@ -536,7 +506,7 @@ def test_distributed_data_parallel_is_unwrapped(tmp_path: object) -> None:
     store = dist.FileStore(str(tmp_path) + "/store", 1)
     dist.init_process_group("gloo", store=store, rank=0, world_size=1)
     try:
-        model = _linear()
+        model = linear()
         ddp = nn.parallel.DistributedDataParallel(model)
         handler = EMAHandler(ddp, momentum=0.5)
         assert handler.model is model
@@ -550,7 +520,7 @@ def test_distributed_data_parallel_is_unwrapped(tmp_path: object) -> None:
 
 
 def test_moving_the_ema_model_after_construction_is_an_error_not_a_silent_stop() -> None:
-    model = _linear()
+    model = linear()
     handler = EMAHandler(model, momentum=0.5)
     handler.ema_model.double()  # new storage: the handler could not write the averages into it any more
     trainer = Engine(_adding_step(model))

@@ -1,0 +1,43 @@
+"""Small models and data shared by the handler tests."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+
+def linear(value: float = 1.0, dtype: torch.dtype = torch.float32) -> nn.Linear:
+    """``nn.Linear(2, 1)`` without bias, every weight ``value``: easy to follow by hand."""
+    model = nn.Linear(2, 1, bias=False).to(dtype)
+    nn.init.constant_(model.weight, value)
+    return model
+
+
+class BNNet(nn.Module):
+    """Conv, BatchNorm, linear head: the smallest model with running statistics worth averaging."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.bn = nn.BatchNorm2d(4)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.bn(self.conv(x))).mean(dim=(2, 3)))
+
+
+def image_batches(n: int, seed: int = 0) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(8, 3, 6, 6, generator=gen) for _ in range(n)]
+
+
+@contextmanager
+def no_warnings() -> Iterator[None]:
+    """Turn any warning into an error: for code paths that must stay silent."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        yield
