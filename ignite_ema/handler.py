@@ -14,20 +14,19 @@ from ignite.engine import CallableEventWithFilter, Engine, Events, EventsList
 from torch import Tensor, nn
 
 from ignite_ema.averaging import ShadowAverager, shadow_dtype_for
-from ignite_ema.schedules import HalfLife, MomentumSchedule
+from ignite_ema.schedules import HalfLife, MomentumSchedule, momentum_from_half_life
 
 __all__ = ["EMAHandler"]
 
 BUFFER_MODES = ("copy", "update", "ema_train")
 SYNC_BUFFERS_MODES = (None, "update")
-_DEFAULT_MOMENTUM = 0.0002
 
 
 class _Default(float):
     """Ignite's default momentum, distinguishable from the same number passed on purpose."""
 
 
-_MOMENTUM_DEFAULT = _Default(_DEFAULT_MOMENTUM)
+_MOMENTUM_DEFAULT = _Default(0.0002)
 _COUNTER_KEYS = ("num_updates", "num_averaged", "last_update_iteration", "num_skipped")
 _STATE_KEYS = ("handle_buffers", "tensors", *_COUNTER_KEYS)
 
@@ -298,7 +297,6 @@ class EMAHandler:
 
         ema_tensors = named_tensors(self.ema_model)
         param_names = {name for name, _ in self.ema_model.named_parameters()}
-        self._names = list(ema_tensors)
         self._shapes = {name: t.shape for name, t in ema_tensors.items()}
         averaged: list[str] = []
         copied: list[str] = []
@@ -390,7 +388,7 @@ class EMAHandler:
         self._bind_student()
         self._schedule = self._make_schedule(engine)
         if self.momentum is None and self._schedule.half_life is not None:
-            self.momentum = -math.expm1(-math.log(2.0) / self._schedule.half_life)
+            self.momentum = momentum_from_half_life(self._schedule.half_life, 1)
             setattr(engine.state, name, self.momentum)
         # A new run of the same engine restarts its iteration count.
         self._last_update_iteration = min(self._last_update_iteration, engine.state.iteration)
@@ -417,7 +415,12 @@ class EMAHandler:
     def _bind_student(self) -> None:
         """Look the student's tensors up by name again and check they still match the EMA model."""
         student = named_tensors(self.model)
-        _check_same_tensors(self._shapes, {n: t.shape for n, t in student.items()}, "the student")
+        _check_same_tensors(
+            self._shapes,
+            {n: t.shape for n, t in student.items()},
+            "the student",
+            hint="was the model changed after the EMAHandler was built? Build the handler from the final model",
+        )
         self._check_ema_model_in_place()
         self._averager.bind([student[n] for n in self._averaged_names])
         self._copier.bind([student[n] for n in self._copied_names])
@@ -592,7 +595,10 @@ class EMAHandler:
         if not isinstance(saved, Mapping) or not all(isinstance(t, Tensor) for t in saved.values()):
             raise ValueError("EMAHandler state 'tensors' must map names to tensors")
         _check_same_tensors(
-            {n: t.shape for n, t in current.items()}, {n: t.shape for n, t in saved.items()}, "the saved state"
+            {n: t.shape for n, t in current.items()},
+            {n: t.shape for n, t in saved.items()},
+            "the saved state",
+            hint="was it saved from another model? Load a state saved by a handler of the same model",
         )
         for name, tensor in saved.items():
             if tensor.dtype != current[name].dtype:
@@ -614,12 +620,10 @@ class EMAHandler:
         self._num_skipped = counters["num_skipped"]
 
 
-def _check_same_tensors(expected: Mapping[str, torch.Size], found: Mapping[str, torch.Size], what: str) -> None:
-    """Raise ValueError naming the first tensor that is missing, extra, or of another shape, and what to do."""
-    if what == "the student":
-        hint = "was the model changed after the EMAHandler was built? Build the handler from the final model"
-    else:
-        hint = "was it saved from another model? Load a state saved by a handler of the same model"
+def _check_same_tensors(
+    expected: Mapping[str, torch.Size], found: Mapping[str, torch.Size], what: str, *, hint: str
+) -> None:
+    """Raise ValueError naming the first tensor missing, extra or of another shape, with ``hint``: what to do."""
     for name, shape in expected.items():
         if name not in found:
             raise ValueError(f"{what} has no tensor '{name}' (shape {tuple(shape)}), which the EMA model has: {hint}")
