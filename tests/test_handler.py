@@ -308,14 +308,22 @@ def test_shadow_dtype_can_be_forced_and_then_bf16_stalls() -> None:
 
 
 def test_device_argument_places_the_ema_model() -> None:
-    handler = EMAHandler(linear(dtype=torch.float64), momentum=0.5, device="cpu")
-    assert handler.ema_model.weight.device == torch.device("cpu")
+    # "meta" stands for a second device on a machine without one: the student stays on the CPU.
+    model = linear(dtype=torch.float64)
+    handler = EMAHandler(model, momentum=0.5, device="meta")
+    assert handler.ema_model.weight.device == torch.device("meta")
+    assert model.weight.device == torch.device("cpu")
 
 
 @pytest.mark.parametrize("wrap", ["dataparallel", "compile"])
 def test_wrappers_are_unwrapped(wrap: str) -> None:
     model = linear()
     wrapped: nn.Module = nn.DataParallel(model) if wrap == "dataparallel" else torch.compile(model)  # type: ignore[assignment]
+    _assert_unwrapped_and_averaged(wrapped, model)
+
+
+def _assert_unwrapped_and_averaged(wrapped: nn.Module, model: nn.Linear) -> None:
+    """The handler sees through ``wrapped`` to ``model``, and averages it: 1 -> 1.5 -> 2.25 with students 2, 3."""
     handler = EMAHandler(wrapped, momentum=0.5)
     assert handler.model is model
     assert type(handler.ema_model) is nn.Linear
@@ -507,14 +515,7 @@ def test_distributed_data_parallel_is_unwrapped(tmp_path: object) -> None:
     dist.init_process_group("gloo", store=store, rank=0, world_size=1)
     try:
         model = linear()
-        ddp = nn.parallel.DistributedDataParallel(model)
-        handler = EMAHandler(ddp, momentum=0.5)
-        assert handler.model is model
-        assert type(handler.ema_model) is nn.Linear
-        trainer = Engine(_adding_step(model))
-        handler.attach(trainer)
-        trainer.run(range(2), max_epochs=1)
-        torch.testing.assert_close(handler.ema_model.weight, torch.full((1, 2), 2.25))
+        _assert_unwrapped_and_averaged(nn.parallel.DistributedDataParallel(model), model)
     finally:
         dist.destroy_process_group()
 

@@ -81,6 +81,17 @@ def snapshot_buffers(module: nn.Module) -> dict[str, Tensor]:
     return {name: buffer.clone() for name, buffer in module.named_buffers()}
 
 
+def trained_bn_pair(handler_cls: HandlerClass, mode: str, updates: int) -> tuple[nn.Module, Handler]:
+    """A BatchNorm student and its EMA handler after ``updates`` train-mode iterations, one update each."""
+    torch.manual_seed(0)
+    student = bn_student()
+    handler = handler_cls(student, momentum=0.5, handle_buffers=mode)
+    trainer = Engine(train_forward_step(student))
+    handler.attach(trainer)
+    trainer.run(random_batches(updates), max_epochs=1)
+    return student, handler
+
+
 # --------------------------------------------------------------------------- 1
 
 
@@ -92,12 +103,7 @@ def snapshot_buffers(module: nn.Module) -> dict[str, Tensor]:
     ),
 )
 def test_copy_mode_keeps_buffers_of_the_last_update(handler_cls: HandlerClass) -> None:
-    torch.manual_seed(0)
-    student = bn_student()
-    handler = handler_cls(student, momentum=0.5, handle_buffers="copy")
-    trainer = Engine(train_forward_step(student))
-    handler.attach(trainer)
-    trainer.run(random_batches(3), max_epochs=1)
+    student, handler = trained_bn_pair(handler_cls, "copy", updates=3)
     at_last_update = snapshot_buffers(student)
 
     # The user keeps training the student (or runs it once more in train mode)
@@ -125,13 +131,8 @@ def test_copy_mode_keeps_buffers_of_the_last_update(handler_cls: HandlerClass) -
     ),
 )
 def test_update_mode_keeps_integer_buffers_of_the_last_update(handler_cls: HandlerClass) -> None:
-    torch.manual_seed(0)
-    student = bn_student()
-    handler = handler_cls(student, momentum=0.5, handle_buffers="update")
-    trainer = Engine(train_forward_step(student))
-    handler.attach(trainer)
     updates = 3
-    trainer.run(random_batches(updates), max_epochs=1)
+    student, handler = trained_bn_pair(handler_cls, "update", updates)
 
     with torch.no_grad():
         student(torch.randn(8, 4))
