@@ -9,13 +9,10 @@ the student and of the teacher.
 from __future__ import annotations
 
 import argparse
-import pickle
 import statistics
-import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import ignite.distributed as idist
 import torch
@@ -24,7 +21,7 @@ from ignite.handlers import ProgressBar
 from ignite.metrics import Accuracy
 from torch import Tensor, nn
 
-from examples.distributed import gloo_processes
+from examples.distributed import run_on_processes
 from examples.mean_teacher.trainer import create_mean_teacher_trainer
 from ignite_ema import EMAHandler
 from ignite_ema.handler import unwrap_model
@@ -136,26 +133,6 @@ def run_once(run: str, seed: int, iterations: int, labels_per_class: int, progre
     return RunResult(run, seed, student_acc, teacher_acc, time.perf_counter() - start)
 
 
-def _distributed_run(local_rank: int, args: tuple[str, int, int, int, bool], result_path: Path) -> None:
-    torch.set_num_threads(1)
-    result = run_once(*args)
-    if idist.get_rank() == 0:
-        result_path.write_bytes(pickle.dumps(result))
-    idist.barrier()  # no rank tears the process group down while another still uses it
-
-
-def run_on_processes(
-    nproc: int, run: str, seed: int, iterations: int, labels_per_class: int, progress: bool
-) -> RunResult:
-    """:func:`run_once` on ``nproc`` processes (DDP over gloo, started by ``idist.Parallel``)."""
-    with tempfile.TemporaryDirectory() as scratch:
-        result_path = Path(scratch) / "result.pkl"
-        with gloo_processes(nproc) as parallel:
-            parallel.run(_distributed_run, (run, seed, iterations, labels_per_class, progress), result_path)
-        result: RunResult = pickle.loads(result_path.read_bytes())
-        return result
-
-
 def _accuracy(model: nn.Module, data: Sequence[tuple[Tensor, Tensor]]) -> float:
     evaluator: Engine = create_supervised_evaluator(model, metrics={"accuracy": Accuracy()})
     return float(evaluator.run(data).metrics["accuracy"])
@@ -197,12 +174,8 @@ def main(argv: Sequence[str] | None = None) -> list[RunResult]:
     results = []
     for seed in range(seeds):
         for run in args.runs:
-            if args.nproc > 1:
-                result = run_on_processes(
-                    args.nproc, run, seed, iterations, args.labels_per_class, not args.no_progress
-                )
-            else:
-                result = run_once(run, seed, iterations, args.labels_per_class, progress=not args.no_progress)
+            job = (run, seed, iterations, args.labels_per_class, not args.no_progress)
+            result = run_on_processes(args.nproc, run_once, *job) if args.nproc > 1 else run_once(*job)
             results.append(result)
             teacher = f", teacher {100 * result.teacher:.1f}%" if result.teacher is not None else ""
             print(f"{run:>10} seed {seed}: student {100 * result.student:.1f}%{teacher} ({result.seconds:.0f} s)")

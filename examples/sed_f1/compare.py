@@ -3,20 +3,17 @@
 from __future__ import annotations
 
 import multiprocessing as mp
-import pickle
 import queue
-import tempfile
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import ignite.distributed as idist
 import torch
 from ignite.engine import Engine
 from ignite.handlers import ProgressBar
 
-from examples.distributed import gloo_processes
+from examples.distributed import run_on_processes
 from examples.sed_f1.data import SEDData, load_npz_dir, synthesize
 from examples.sed_f1.experiment import RunResult, TrainConfig, train_run
 
@@ -46,21 +43,15 @@ def _work(name: str, seed: int, config: TrainConfig, log_dir: Path, progress: An
     return train_run(name, seed, _worker_data, config, log_dir, on_iterations=progress.put, every=_TICK)
 
 
-def _distributed_job(
-    local_rank: int,
+def _train_on_loaded_data(
     job: tuple[str, int],
     config: TrainConfig,
     log_dir: Path,
     data_args: tuple[Path | None, int, bool],
-    result_path: Path,
     show_progress: bool,
-) -> None:
-    """One rank of a run trained on several processes (started by ``idist.Parallel``)."""
-    torch.set_num_threads(1)
-    result = train_run(job[0], job[1], load_data(*data_args), config, log_dir, progress_bar=show_progress)
-    if idist.get_rank() == 0:
-        result_path.write_bytes(pickle.dumps(result))
-    idist.barrier()  # no rank tears the process group down while another still uses it
+) -> RunResult:
+    """One rank of a run trained on several processes: each process loads its own copy of the data."""
+    return train_run(job[0], job[1], load_data(*data_args), config, log_dir, progress_bar=show_progress)
 
 
 def run_distributed(
@@ -73,13 +64,11 @@ def run_distributed(
 ) -> list[RunResult]:
     """Each run on ``nproc`` processes (DDP over gloo, through ``idist.Parallel``), one run after the other."""
     results = []
-    with tempfile.TemporaryDirectory() as scratch:
-        for job in jobs:
-            result_path = Path(scratch) / f"{job[0]}-{job[1]}.pkl"
-            log_dir = out / "tensorboard" / f"{job[0]}-seed{job[1]}"
-            with gloo_processes(nproc) as parallel:
-                parallel.run(_distributed_job, job, config, log_dir, data_args, result_path, show_progress)
-            results.append(pickle.loads(result_path.read_bytes()))
+    for name, seed in jobs:
+        log_dir = out / "tensorboard" / f"{name}-seed{seed}"
+        results.append(
+            run_on_processes(nproc, _train_on_loaded_data, (name, seed), config, log_dir, data_args, show_progress)
+        )
     return results
 
 
