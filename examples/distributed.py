@@ -1,7 +1,8 @@
-"""Running one of the examples' runs on several local processes (torch.distributed over gloo, ignite.distributed)."""
+"""Running a function on several local processes (torch.distributed over gloo, ignite.distributed)."""
 
 from __future__ import annotations
 
+import gc
 import pickle
 import socket
 import tempfile
@@ -24,22 +25,27 @@ def free_port() -> int:
         return port
 
 
-def run_on_processes(nproc: int, fn: Callable[..., T], *args: Any) -> T:
-    """``fn(*args)`` on ``nproc`` local CPU processes (``idist.Parallel``, gloo, a fresh port); rank 0's result.
+def run_on_processes(nproc: int, fn: Callable[..., T], *args: Any) -> list[T]:
+    """``fn(*args)`` on ``nproc`` local CPU processes (``idist.Parallel``, gloo, a fresh port).
 
-    ``fn`` must be a module-level function (it is pickled to the processes) and its result picklable.
+    Returns every rank's result, in rank order. ``fn`` must be a module-level function (it is pickled to the
+    processes) and its result picklable.
     """
     with tempfile.TemporaryDirectory() as scratch:
-        result_path = Path(scratch) / "result.pkl"
         with Parallel(backend="gloo", nproc_per_node=nproc, master_addr="127.0.0.1", master_port=free_port()) as p:
-            p.run(_rank_main, fn, args, result_path)
-        result: T = pickle.loads(result_path.read_bytes())
-        return result
+            p.run(_rank_main, fn, args, Path(scratch))
+        return [pickle.loads((Path(scratch) / f"rank{rank}.pkl").read_bytes()) for rank in range(nproc)]
 
 
-def _rank_main(local_rank: int, fn: Callable[..., Any], args: tuple[Any, ...], result_path: Path) -> None:
+def _rank_main(local_rank: int, fn: Callable[..., Any], args: tuple[Any, ...], result_dir: Path) -> None:
     torch.set_num_threads(1)  # one core per process
     result = fn(*args)
-    if idist.get_rank() == 0:
-        result_path.write_bytes(pickle.dumps(result))
+    (result_dir / f"rank{idist.get_rank()}.pkl").write_bytes(pickle.dumps(result))
+    del result
+    # A finished run's DDP wrapper and engines sit in reference cycles that keep the process group alive, so the
+    # destroy_process_group() that ignite calls next could not free it: its gloo threads would outlive the
+    # interpreter, and one of them dropping a tensor during finalisation aborts the process ("terminate called
+    # without an active exception", pytorch/pytorch#190489). Collecting the cycles now lets the group be freed,
+    # and its threads joined, while the interpreter is still whole.
+    gc.collect()
     idist.barrier()  # no rank tears the process group down while another still uses it

@@ -1,15 +1,15 @@
 """EMAHandler under torch.distributed, through ignite.distributed: 2 real gloo processes on the CPU.
 
-The workers (``_ddp_worker``, ``_sync_worker``) run in processes started by
-``idist.Parallel(backend="gloo", nproc_per_node=2)``; each writes what it saw
-to ``rank<r>.pt`` in the test's directory, and the test process checks those
-files against each other and against references computed here.
+The workers (``_ddp_worker``, ``_sync_worker``, ...) run in processes started by
+``examples.distributed.run_on_processes`` (``idist.Parallel(backend="gloo")``);
+each returns what it saw, and the test process checks the ranks' results
+against each other and against references computed here.
 """
 
 from __future__ import annotations
 
+import atexit
 import os
-import socket
 from pathlib import Path
 from typing import Any
 
@@ -21,24 +21,11 @@ from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint, DiskSaver
 from torch import nn
 
+from examples.distributed import run_on_processes
 from ignite_ema import EMAHandler
 from tests.helpers import BNNet
 
 ITERATIONS = 8
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def _spawn(worker: Any, workdir: Path) -> list[dict[str, Any]]:
-    """Run ``worker(local_rank, workdir)`` in 2 gloo processes; return what each rank wrote."""
-    with idist.Parallel(backend="gloo", nproc_per_node=2, master_port=_free_port()) as parallel:
-        parallel.run(worker, str(workdir))
-    return [torch.load(workdir / f"rank{rank}.pt", weights_only=False) for rank in (0, 1)]
 
 
 def _batch(rank: int, iteration: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -97,8 +84,7 @@ def _train(
 # ----------------------------------------------------------------------------- workers (run in the gloo processes)
 
 
-def _ddp_worker(local_rank: int, workdir: str) -> None:
-    torch.set_num_threads(1)
+def _ddp_worker(workdir: Path) -> dict[str, Any]:
     rank = idist.get_rank()
     trainer, handler, student, optimizer = _train(rank, "copy", None)
     initial = {k: v.detach().clone() for k, v in student.named_parameters()}
@@ -109,7 +95,7 @@ def _ddp_worker(local_rank: int, workdir: str) -> None:
             {"student": {k: v.detach().clone() for k, v in student.named_parameters()}, "ema": _snapshot(handler)}
         ),
     )
-    ckpt_dir = Path(workdir) / "ckpt"
+    ckpt_dir = workdir / "ckpt"
     to_save = {"model": student, "optimizer": optimizer, "trainer": trainer, "ema": handler}
     trainer.add_event_handler(
         Events.ITERATION_COMPLETED(every=4), Checkpoint(to_save, DiskSaver(ckpt_dir, require_empty=False), n_saved=2)
@@ -119,16 +105,13 @@ def _ddp_worker(local_rank: int, workdir: str) -> None:
     fresh = EMAHandler(BNNet(), momentum=0.3)  # a resumed job on this rank
     Checkpoint.load_objects({"ema": fresh}, torch.load(ckpt_dir / f"checkpoint_{ITERATIONS}.pt", weights_only=False))
     loaded = fresh.state_dict()
-    torch.save(
-        {
-            "world_size": idist.get_world_size(),
-            "wrapper": type(handler.model).__name__,
-            "initial": initial,
-            "history": history,
-            "loaded": {**loaded, "tensors": {k: v.clone() for k, v in loaded["tensors"].items()}},
-        },
-        Path(workdir) / f"rank{rank}.pt",
-    )
+    return {
+        "world_size": idist.get_world_size(),
+        "wrapper": type(handler.model).__name__,
+        "initial": initial,
+        "history": history,
+        "loaded": {**loaded, "tensors": {k: v.clone() for k, v in loaded["tensors"].items()}},
+    }
 
 
 SYNC_CONFIGS = {
@@ -139,8 +122,7 @@ SYNC_CONFIGS = {
 }
 
 
-def _sync_worker(local_rank: int, workdir: str) -> None:
-    torch.set_num_threads(1)
+def _sync_worker() -> dict[str, Any]:
     rank = idist.get_rank()
     results: dict[str, Any] = {}
     for name, (mode, sync) in SYNC_CONFIGS.items():
@@ -152,18 +134,30 @@ def _sync_worker(local_rank: int, workdir: str) -> None:
         if sync is None:  # the same average, paid once at the end instead of at every update
             handler.average_buffers_across_ranks()
             results[name]["synced_at_end"] = _snapshot(handler)
-    torch.save(results, Path(workdir) / f"rank{rank}.pt")
+    return results
 
 
-def _skip_worker(local_rank: int, workdir: str) -> None:
-    torch.set_num_threads(1)
+def _skip_worker() -> dict[str, Any]:
     rank = idist.get_rank()
     # Only rank 1's student has a NaN (in a copied BatchNorm buffer), at iteration 3.
     trainer, handler, _, _ = _train(rank, "copy", None, poison_rank=1)
     history: list[dict[str, torch.Tensor]] = []
     trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda: history.append(_snapshot(handler)))
     trainer.run(range(ITERATIONS), max_epochs=1)
-    torch.save({"history": history, "skipped": trainer.state.ema_momentum_skipped}, Path(workdir) / f"rank{rank}.pt")
+    return {"history": history, "skipped": trainer.state.ema_momentum_skipped}
+
+
+def _threads_left_at_exit_worker(workdir: Path) -> None:
+    # atexit runs after ignite has destroyed the process group and before the interpreter finalises.
+    rank = idist.get_rank()
+    atexit.register(lambda: (workdir / f"threads{rank}.txt").write_text("\n".join(_thread_names())))
+    trainer, _, _, _ = _train(rank, "ema_train", "update")
+    trainer.run(range(ITERATIONS), max_epochs=1)
+
+
+def _thread_names() -> list[str]:
+    tasks = Path("/proc/self/task")
+    return sorted((task / "comm").read_text().strip() for task in tasks.iterdir())
 
 
 # ----------------------------------------------------------------------------- tests
@@ -171,7 +165,7 @@ def _skip_worker(local_rank: int, workdir: str) -> None:
 
 @pytest.mark.slow
 def test_ddp_ema_is_identical_on_every_rank_and_rank_0_checkpoints_load_everywhere(tmp_path: Path) -> None:
-    ranks = _spawn(_ddp_worker, tmp_path)
+    ranks = run_on_processes(2, _ddp_worker, tmp_path)
     assert [r["world_size"] for r in ranks] == [2, 2]
     assert ranks[0]["wrapper"] == "BNNet"  # the DDP wrapper was unwrapped
     history0, history1 = ranks[0]["history"], ranks[1]["history"]
@@ -208,8 +202,8 @@ def test_ddp_ema_is_identical_on_every_rank_and_rank_0_checkpoints_load_everywhe
 
 
 @pytest.mark.slow
-def test_sync_buffers_makes_the_ranks_statistics_identical(tmp_path: Path) -> None:
-    ranks = _spawn(_sync_worker, tmp_path)
+def test_sync_buffers_makes_the_ranks_statistics_identical() -> None:
+    ranks = run_on_processes(2, _sync_worker)
     statistics = ("bn.running_mean", "bn.running_var")
 
     # Without it, each rank's teacher keeps statistics of its own batches; the weights agree anyway.
@@ -241,9 +235,9 @@ def test_sync_buffers_makes_the_ranks_statistics_identical(tmp_path: Path) -> No
 
 
 @pytest.mark.slow
-def test_ranks_agree_on_skipping_a_nonfinite_update(tmp_path: Path) -> None:
+def test_ranks_agree_on_skipping_a_nonfinite_update() -> None:
     # Rank 1 alone sees the NaN; if it skipped alone, its EMA weights would part from rank 0's for good.
-    ranks = _spawn(_skip_worker, tmp_path)
+    ranks = run_on_processes(2, _skip_worker)
     for rank in ranks:
         assert rank["skipped"] == 1
         history = rank["history"]
@@ -254,6 +248,17 @@ def test_ranks_agree_on_skipping_a_nonfinite_update(tmp_path: Path) -> None:
         for name, tensor in seen0.items():
             if "bn.running" not in name:  # each rank copies its own statistics (no sync_buffers here)
                 assert torch.equal(tensor, seen1[name]), name
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads thread names from Linux's /proc")
+def test_rank_processes_stop_their_gloo_threads_before_the_interpreter_exits(tmp_path: Path) -> None:
+    # A finished DDP run keeps its process group alive through reference cycles; gloo threads still running when
+    # the interpreter finalises abort the process at random (1 run in ~12 here). run_on_processes must free them.
+    run_on_processes(2, _threads_left_at_exit_worker, tmp_path)
+    for rank in (0, 1):
+        names = (tmp_path / f"threads{rank}.txt").read_text().split()
+        assert not [name for name in names if "gloo" in name], (rank, names)
 
 
 # ----------------------------------------------------------------------------- without a process group

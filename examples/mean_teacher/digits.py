@@ -175,7 +175,7 @@ def main(argv: Sequence[str] | None = None) -> list[RunResult]:
     for seed in range(seeds):
         for run in args.runs:
             job = (run, seed, iterations, args.labels_per_class, not args.no_progress)
-            result = run_on_processes(args.nproc, run_once, *job) if args.nproc > 1 else run_once(*job)
+            result = run_on_processes(args.nproc, run_once, *job)[0] if args.nproc > 1 else run_once(*job)
             results.append(result)
             teacher = f", teacher {100 * result.teacher:.1f}%" if result.teacher is not None else ""
             print(f"{run:>10} seed {seed}: student {100 * result.student:.1f}%{teacher} ({result.seconds:.0f} s)")

@@ -67,7 +67,7 @@ def run_distributed(
     for name, seed in jobs:
         log_dir = out / "tensorboard" / f"{name}-seed{seed}"
         results.append(
-            run_on_processes(nproc, _train_on_loaded_data, (name, seed), config, log_dir, data_args, show_progress)
+            run_on_processes(nproc, _train_on_loaded_data, (name, seed), config, log_dir, data_args, show_progress)[0]
         )
     return results
 
