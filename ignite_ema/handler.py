@@ -456,12 +456,12 @@ class EMAHandler:
 
     def _update(self, engine: Engine, name: str) -> None:
         iteration = engine.state.iteration
-        if self._skip_nonfinite and not self._student_is_finite():
+        if self._skip_nonfinite and (nonfinite := self._nonfinite_student()) is not None:
             self._num_skipped += 1
             setattr(engine.state, f"{name}_skipped", self._num_skipped)
             self._warn_once(
                 "nonfinite",
-                f"iteration {iteration}: {self._nonfinite_description()} has NaN or Inf values, so this EMA update was "
+                f"iteration {iteration}: {nonfinite} has NaN or Inf values, so this EMA update was "
                 "skipped and the EMA model left as it was (skip_nonfinite=True). Skipped updates are counted in "
                 f"engine.state.{name}_skipped; this warning is not repeated. Look for the cause in the student "
                 "(learning rate, loss scaling, data).",
@@ -483,20 +483,23 @@ class EMAHandler:
             self._average_buffers(self._world_size)
         self._check_teacher()
 
-    def _student_is_finite(self) -> bool:
-        """Whether every floating student tensor the update reads is finite: one host sync, agreed by all ranks."""
+    def _nonfinite_student(self) -> str | None:
+        """``None`` when every floating student tensor the update reads is finite on every rank; else what to
+        name in the warning. One host sync (and one all-reduce of one number across ranks); the exact scan,
+        one tensor at a time, runs only when a norm is not finite."""
         flags = [f for f in (self._averager.students_finite(), self._copier.students_finite()) if f is not None]
         if not flags:
-            return True
+            return None
         both = flags[0] if len(flags) == 1 else flags[0] & flags[1].to(flags[0].device)
-        finite = bool(both)  # the one host synchronisation
-        if not finite:  # a NaN, an Inf, or a norm that overflowed: the exact check, on this rare path only
-            finite = self._first_nonfinite() is None
+        name = None
+        if not bool(both):  # the one host synchronisation
+            name = self._first_nonfinite()  # None when a norm merely overflowed
         if self._world_size > 1:
             # Ranks whose students differ (BatchNorm statistics) must still skip together, or their EMAs part.
-            nonfinite_ranks = idist.all_reduce(0.0 if finite else 1.0, op="SUM")
-            return float(nonfinite_ranks) == 0.0
-        return finite
+            nonfinite_ranks = idist.all_reduce(0.0 if name is None else 1.0, op="SUM")
+            if name is None and float(nonfinite_ranks) > 0.0:
+                return "a student tensor on another rank"
+        return None if name is None else f"the student's tensor '{name}'"
 
     def _first_nonfinite(self) -> str | None:
         """The name of the first student tensor the update reads that has a NaN or an Inf."""
@@ -505,10 +508,6 @@ class EMAHandler:
             if index is not None:
                 return names[index]
         return None
-
-    def _nonfinite_description(self) -> str:
-        name = self._first_nonfinite()
-        return "a student tensor on another rank" if name is None else f"the student's tensor '{name}'"
 
     def average_buffers_across_ranks(self) -> None:
         """Set the EMA model's floating buffers to their mean over the ranks, now.
