@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 from torch import nn
+
+from ignite_ema import EMAHandler
+
+COUNTERS = ("num_updates", "num_averaged", "last_update_iteration", "num_skipped")
 
 
 def linear(value: float = 1.0, dtype: torch.dtype = torch.float32) -> nn.Linear:
@@ -33,6 +38,20 @@ class BNNet(nn.Module):
 def image_batches(n: int, seed: int = 0) -> list[torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
     return [torch.randn(8, 3, 6, 6, generator=gen) for _ in range(n)]
+
+
+def clone_state(handler: EMAHandler) -> dict[str, Any]:
+    """``handler.state_dict()`` with its tensors copied: a snapshot that later updates leave alone."""
+    state = handler.state_dict()
+    return {**state, "tensors": {k: v.clone() for k, v in state["tensors"].items()}}
+
+
+def assert_same_state(got: Mapping[str, Any], want: Mapping[str, Any], context: object = None) -> None:
+    """Two handler states agree: every counter, and every tensor bit for bit."""
+    for key in COUNTERS:
+        assert got[key] == want[key], (context, key)
+    for name, tensor in want["tensors"].items():
+        assert torch.equal(got["tensors"][name], tensor), (context, name)
 
 
 @contextmanager

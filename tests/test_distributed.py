@@ -23,7 +23,7 @@ from torch import nn
 
 from examples.distributed import run_on_processes
 from ignite_ema import EMAHandler
-from tests.helpers import BNNet
+from tests.helpers import BNNet, clone_state
 
 ITERATIONS = 8
 
@@ -104,13 +104,12 @@ def _ddp_worker(workdir: Path) -> dict[str, Any]:
     idist.barrier()  # rank 0 has written the last checkpoint
     fresh = EMAHandler(BNNet(), momentum=0.3)  # a resumed job on this rank
     Checkpoint.load_objects({"ema": fresh}, torch.load(ckpt_dir / f"checkpoint_{ITERATIONS}.pt", weights_only=False))
-    loaded = fresh.state_dict()
     return {
         "world_size": idist.get_world_size(),
         "wrapper": type(handler.model).__name__,
         "initial": initial,
         "history": history,
-        "loaded": {**loaded, "tensors": {k: v.clone() for k, v in loaded["tensors"].items()}},
+        "loaded": clone_state(fresh),
     }
 
 
@@ -142,7 +141,7 @@ def _skip_worker() -> dict[str, Any]:
     # Only rank 1's student has a NaN (in a copied BatchNorm buffer), at iteration 3.
     trainer, handler, _, _ = _train(rank, "copy", None, poison_rank=1)
     history: list[dict[str, torch.Tensor]] = []
-    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda: history.append(_snapshot(handler)))
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, _record, history, handler)
     trainer.run(range(ITERATIONS), max_epochs=1)
     return {"history": history, "skipped": trainer.state.ema_momentum_skipped}
 
@@ -282,8 +281,15 @@ def _assert_same(a: EMAHandler, b: EMAHandler) -> None:
 
 
 @pytest.mark.filterwarnings("ignore:Local rank information for native distributed setting")
-def test_sync_buffers_is_a_no_op_without_distributed_or_with_one_process(tmp_path: Path) -> None:
+def test_sync_buffers_is_a_no_op_without_distributed_or_with_one_process(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     reference = _run(None)
+
+    def no_collective(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("all_reduce called with one process")
+
+    monkeypatch.setattr(idist, "all_reduce", no_collective)
     _assert_same(_run("update"), reference)
     dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
     try:

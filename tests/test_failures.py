@@ -36,7 +36,7 @@ from ignite.handlers import Checkpoint, DiskSaver
 from torch import nn
 
 from ignite_ema import EMAHandler
-from tests.helpers import BNNet, image_batches, linear, no_warnings
+from tests.helpers import BNNet, assert_same_state, clone_state, image_batches, linear, no_warnings
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -53,11 +53,6 @@ def _set_weight(model: nn.Linear, values: list[float]) -> Engine:
         nn.init.constant_(model.weight, values[engine.state.iteration - 1])
 
     return Engine(step)
-
-
-def _clone_state(handler: EMAHandler) -> dict[str, Any]:
-    state = handler.state_dict()
-    return {**state, "tensors": {k: v.clone() for k, v in state["tensors"].items()}}
 
 
 # ----------------------------------------------------------------------------- non-finite students
@@ -92,7 +87,7 @@ def test_skip_nonfinite_skips_the_update_leaves_the_ema_as_it_was_and_counts_it(
 def test_one_nonfinite_element_is_enough_to_skip() -> None:
     model = nn.Linear(3, 2)
     handler = EMAHandler(model, momentum=0.5, skip_nonfinite=True)
-    before = _clone_state(handler)
+    before = clone_state(handler)
 
     def step(engine: Engine, batch: object) -> None:
         with torch.no_grad():
@@ -162,7 +157,7 @@ def test_a_nonfinite_copied_buffer_skips_the_update() -> None:
 
     trainer = Engine(step)
     handler.attach(trainer)
-    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda: states.append(_clone_state(handler)))
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda: states.append(clone_state(handler)))
     with pytest.warns(UserWarning, match="'bn.running_var' has NaN or Inf"):
         trainer.run(image_batches(3), max_epochs=1)
     assert trainer.state.ema_momentum_skipped == 2
@@ -260,7 +255,7 @@ def test_new_options_are_keyword_only() -> None:
 )
 def test_bad_states_are_refused_and_nothing_is_loaded(change: dict[str, object], message: str) -> None:
     handler = EMAHandler(linear(5.0), momentum=0.5, skip_nonfinite=True)
-    before = _clone_state(handler)
+    before = clone_state(handler)
     with pytest.raises(ValueError, match=re.escape(message)):
         handler.load_state_dict({**handler.state_dict(), **change})
     after = handler.state_dict()
@@ -420,7 +415,7 @@ def _job(phase: str, workdir: Path, n_saved: int = 2) -> None:
     torch.save(_final(trainer, handler), workdir / f"{phase}.pt")
 
 
-def _run_until_marker(args: list[str], marker: Path, timeout: float = 60.0) -> subprocess.Popen[bytes]:
+def _run_until_marker(args: list[str], marker: Path, timeout: float = 60.0) -> None:
     """Start the job, wait for ``marker``, SIGKILL it; the job must not have finished by itself."""
     proc = subprocess.Popen([*_THIS_MODULE, *args], cwd=_ROOT)
     deadline = time.monotonic() + timeout
@@ -434,7 +429,6 @@ def _run_until_marker(args: list[str], marker: Path, timeout: float = 60.0) -> s
         time.sleep(0.01)
     os.kill(proc.pid, signal.SIGKILL)
     assert proc.wait(timeout=30) == -signal.SIGKILL
-    return proc
 
 
 # ----------------------------------------------------------------------------- crash and resume
@@ -457,13 +451,10 @@ def test_a_run_killed_after_a_checkpoint_resumes_to_bit_identical_ema(tmp_path: 
     resumed = torch.load(crash_dir / "resume.pt", weights_only=False)
     assert resumed["momentum"] == full["momentum"]
     assert resumed["skipped"] == full["skipped"] == 1  # the NaN at iteration 4 came before the crash
-    for key in ("num_updates", "num_averaged", "last_update_iteration", "num_skipped"):
-        assert resumed["handler"][key] == full["handler"][key], key
+    assert_same_state(resumed["handler"], full["handler"])
     assert full["handler"]["num_updates"] == EPOCH_LENGTH * MAX_EPOCHS // 2 - 1
     for name, tensor in full["ema_model"].items():
         assert torch.equal(resumed["ema_model"][name], tensor), name
-    for name, tensor in full["handler"]["tensors"].items():
-        assert torch.equal(resumed["handler"]["tensors"][name], tensor), name
 
 
 # ----------------------------------------------------------------------------- a checkpoint killed mid-write
@@ -498,12 +489,7 @@ def test_a_checkpoint_killed_mid_write_leaves_a_temp_file_and_the_previous_one(t
     trainer, to_load, handler = _build()
     Checkpoint.load_objects(to_load, torch.load(tmp_path / "ckpt" / complete[0], weights_only=False))
     assert trainer.state.iteration == 3
-    reference = torch.load(tmp_path / "reference.pt", weights_only=False)
-    loaded = handler.state_dict()
-    for key in ("num_updates", "num_averaged", "last_update_iteration", "num_skipped"):
-        assert loaded[key] == reference[key], key
-    for name, tensor in reference["tensors"].items():
-        assert torch.equal(loaded["tensors"][name], tensor), name
+    assert_same_state(handler.state_dict(), torch.load(tmp_path / "reference.pt", weights_only=False))
 
 
 if __name__ == "__main__":
