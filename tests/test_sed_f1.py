@@ -69,6 +69,20 @@ def test_npz_with_misshaped_labels_is_refused(tmp_path: Path) -> None:
         load_npz_dir(tmp_path)
 
 
+@pytest.mark.parametrize("mels", [48, 16])
+def test_npz_features_with_too_few_mels_for_the_crnn_are_refused(tmp_path: Path, mels: int) -> None:
+    for name in ("labelled", "unlabelled", "test"):
+        features, labels = np.zeros((2, mels, 8), np.float32), np.zeros((2, 4, 3))
+        np.savez(tmp_path / f"{name}.npz", features=features, labels=labels, classes=["a", "b", "c"], frame_seconds=0.1)
+    if mels == 16:  # the CRNN would divide 16 bins by 32: refused when loading, not deep inside training
+        with pytest.raises(ValueError, match=r"mels \(a multiple of 16, at least 32\)"):
+            load_npz_dir(tmp_path)
+        return
+    data = load_npz_dir(tmp_path)
+    frames, clips = CRNN(n_classes=3, n_mels=mels)(torch.from_numpy(data.test.x))
+    assert frames.shape == (2, 4, 3) and clips.shape == (2, 3)
+
+
 def test_crnn_outputs_frame_and_clip_probabilities() -> None:
     model = CRNN(n_classes=10).eval()
     frames, clips = model(torch.randn(3, 1, N_MELS, N_FRAMES))

@@ -188,7 +188,8 @@ def synthesize(n_labelled: int = 300, n_unlabelled: int = 2000, n_test: int = 40
 
 NPZ_LAYOUT = """\
 --data DIR holds labelled.npz, unlabelled.npz and test.npz, each with
-  features: float32 [clips, mels, frames]   log-mel features (mels divisible by 16, frames by 2)
+  features: float32 [clips, mels, frames]   log-mel features (mels a multiple of 16, at least 32;
+                                             frames a multiple of 2)
   labels:   0/1     [clips, frames/2, classes]  strong labels at half the feature frame rate
             (unlabelled.npz may omit labels)
 and one of them (or every one) with
@@ -209,8 +210,12 @@ def load_npz_dir(directory: Path) -> SEDData:
             if "features" not in archive:
                 raise ValueError(f"{path} has no 'features' array; expected this layout:\n{NPZ_LAYOUT}")
             x = archive["features"].astype(np.float32)
-            if x.ndim != 3 or x.shape[1] % 16 or x.shape[2] % 2:
-                raise ValueError(f"{path}: features must be [clips, mels % 16 == 0, frames % 2 == 0]; found {x.shape}")
+            # The CRNN divides frequency by 32 (see model.py) and time by 2.
+            if x.ndim != 3 or x.shape[1] % 16 or x.shape[1] < 32 or x.shape[2] % 2:
+                raise ValueError(
+                    f"{path}: features must be [clips, mels (a multiple of 16, at least 32), frames (even)]; "
+                    f"found {x.shape}"
+                )
             if "labels" in archive:
                 y = archive["labels"].astype(np.float32)
             elif name == "unlabelled":
