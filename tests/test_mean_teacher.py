@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import copy
 import math
 import re
@@ -107,11 +108,14 @@ def test_teacher_gets_no_gradients_and_follows_the_student() -> None:
     student = _bn_model()
     handler = EMAHandler(student, momentum=0.5, handle_buffers="ema_train")
     teacher_before = copy.deepcopy(handler.ema_model)
+    grad_enabled_in_teacher: list[bool] = []
+    handler.ema_model.register_forward_hook(lambda *_: grad_enabled_in_teacher.append(torch.is_grad_enabled()))
     trainer = create_mean_teacher_trainer(
         student, handler, torch.optim.SGD(student.parameters(), lr=0.1), nn.functional.cross_entropy
     )
     trainer.run(_batches(3), max_epochs=1)
     teacher = handler.ema_model
+    assert grad_enabled_in_teacher == [False] * 3  # the targets build no autograd graph
     assert all(p.grad is None and not p.requires_grad for p in teacher.parameters())
     assert not torch.equal(teacher[0].weight, teacher_before[0].weight)  # it moved, by the EMA
 
@@ -166,6 +170,9 @@ def test_select_items_handles_nested_outputs() -> None:
     mask = torch.tensor([True, False, True])
     got = select_items({"pair": (frames, clips)}, mask)
     assert torch.equal(got["pair"][0], frames[[0, 2]]) and torch.equal(got["pair"][1], clips[[0, 2]])
+    Output = collections.namedtuple("Output", "frames clips")  # e.g. a model returning a named tuple
+    named = select_items(Output(frames, clips), mask)
+    assert isinstance(named, Output) and torch.equal(named.frames, frames[[0, 2]])
     with pytest.raises(TypeError, match="found str"):
         select_items("frames", mask)
 

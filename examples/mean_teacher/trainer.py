@@ -83,7 +83,8 @@ def select_items(value: Output, index: Tensor) -> Output:
     if isinstance(value, Mapping):
         return {k: select_items(v, index) for k, v in value.items()}
     if isinstance(value, Sequence) and not isinstance(value, str):
-        return type(value)(select_items(v, index) for v in value)  # type: ignore[call-arg]
+        items = [select_items(v, index) for v in value]
+        return type(value)(*items) if hasattr(value, "_fields") else type(value)(items)  # type: ignore[call-arg]
     raise TypeError(f"expected a tensor or a tuple/list/dict of tensors; found {type(value).__name__}")
 
 
