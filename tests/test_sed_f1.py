@@ -13,7 +13,8 @@ import torch
 
 from examples.sed_f1.cli import main
 from examples.sed_f1.data import CLASSES, LABEL_FRAMES, N_FRAMES, N_MELS, load_npz_dir, synthesize, to_label_rate
-from examples.sed_f1.experiment import METRICS, TrainConfig, train_run
+from examples.sed_f1.experiment import TrainConfig, train_run
+from examples.sed_f1.metrics import SCORES
 from examples.sed_f1.model import CRNN
 
 
@@ -122,9 +123,9 @@ def test_the_command_line_writes_table_json_plot_and_tensorboard(
     names = [(run["name"], run["mode"], run["seed"]) for run in results["runs"]]
     assert names == [("supervised", "none", 0), ("ema_train", "ema_train", 0)]
     for run in results["runs"]:
-        assert set(run["student"]) == set(METRICS) and run["seconds"] > 0
+        assert set(run["student"]) == set(SCORES) and run["seconds"] > 0
         assert all(0.0 <= v <= 1.0 for v in run["student"].values())
-    assert results["runs"][0]["teacher"] is None and set(results["runs"][1]["teacher"]) == set(METRICS)
+    assert results["runs"][0]["teacher"] is None and set(results["runs"][1]["teacher"]) == set(SCORES)
     assert "| ema_train |" in (tmp_path / "results.md").read_text()
     assert (tmp_path / "f1_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -157,5 +158,5 @@ def test_the_comparison_runs_each_run_on_two_processes(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr[-2000:]
     (run,) = json.loads((tmp_path / "results.json").read_text())["runs"]
     assert (run["name"], run["seed"]) == ("ema_train", 0)
-    assert set(run["teacher"]) == set(METRICS) and all(0.0 <= v <= 1.0 for v in run["teacher"].values())
+    assert set(run["teacher"]) == set(SCORES) and all(0.0 <= v <= 1.0 for v in run["teacher"].values())
     assert (tmp_path / "tensorboard" / "ema_train-seed0").is_dir()  # written by rank 0

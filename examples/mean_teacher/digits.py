@@ -109,8 +109,9 @@ def run_once(run: str, seed: int, iterations: int, labels_per_class: int, progre
     student = idist.auto_model(small_convnet(), sync_bn=False)
     handler = None
     if run != "supervised":
-        sync = "update" if world > 1 else None
-        handler = EMAHandler(student, momentum=0.01, handle_buffers=run, mean_teacher_warmup=True, sync_buffers=sync)
+        handler = EMAHandler(  # sync_buffers: a no-op in a single process
+            student, momentum=0.01, handle_buffers=run, mean_teacher_warmup=True, sync_buffers="update"
+        )
     optimizer = torch.optim.Adam(student.parameters(), lr=2e-3)
     trainer = create_mean_teacher_trainer(
         student,

@@ -20,22 +20,22 @@ from examples.sed_f1.experiment import RunResult, TrainConfig, train_run
 _TICK = 50  # iterations per progress message
 
 
-def load_data(data_dir: Path | None, data_seed: int, quick: bool) -> SEDData:
+def load_data(data_dir: Path | None, quick: bool) -> SEDData:
     if data_dir is not None:
         return load_npz_dir(data_dir)
     if quick:
-        return synthesize(n_labelled=200, n_unlabelled=600, n_test=200, seed=data_seed)
-    return synthesize(seed=data_seed)
+        return synthesize(n_labelled=200, n_unlabelled=600, n_test=200)
+    return synthesize()
 
 
 _worker_data: SEDData | None = None
 
 
-def _init_worker(data_dir: Path | None, data_seed: int, quick: bool) -> None:
+def _init_worker(data_dir: Path | None, quick: bool) -> None:
     """Each worker: one thread (the runs share the cores), and its own copy of the data."""
     global _worker_data
     torch.set_num_threads(1)
-    _worker_data = load_data(data_dir, data_seed, quick)
+    _worker_data = load_data(data_dir, quick)
 
 
 def _work(name: str, seed: int, config: TrainConfig, log_dir: Path, progress: Any) -> RunResult:
@@ -47,7 +47,7 @@ def _train_on_loaded_data(
     job: tuple[str, int],
     config: TrainConfig,
     log_dir: Path,
-    data_args: tuple[Path | None, int, bool],
+    data_args: tuple[Path | None, bool],
     show_progress: bool,
 ) -> RunResult:
     """One rank of a run trained on several processes: each process loads its own copy of the data."""
@@ -59,7 +59,7 @@ def run_distributed(
     config: TrainConfig,
     out: Path,
     nproc: int,
-    data_args: tuple[Path | None, int, bool],
+    data_args: tuple[Path | None, bool],
     show_progress: bool,
 ) -> list[RunResult]:
     """Each run on ``nproc`` processes (DDP over gloo, through ``idist.Parallel``), one run after the other."""
@@ -79,7 +79,6 @@ def run_all(
     out: Path,
     workers: int,
     data_dir: Path | None = None,
-    data_seed: int = 0,
     quick: bool = False,
     show_progress: bool = True,
     nproc: int = 1,
@@ -87,12 +86,12 @@ def run_all(
     """Train all runs, ``workers`` at a time (or each on ``nproc`` processes), in (seed, run) order."""
     jobs = [(name, seed) for seed in seeds for name in names]
     if nproc > 1:
-        return run_distributed(jobs, config, out, nproc, (data_dir, data_seed, quick), show_progress)
+        return run_distributed(jobs, config, out, nproc, (data_dir, quick), show_progress)
     context = mp.get_context("spawn")  # a fresh interpreter per worker: no forked torch thread pools
     with (
         context.Manager() as manager,
         ProcessPoolExecutor(
-            max_workers=workers, mp_context=context, initializer=_init_worker, initargs=(data_dir, data_seed, quick)
+            max_workers=workers, mp_context=context, initializer=_init_worker, initargs=(data_dir, quick)
         ) as pool,
     ):
         ticks = manager.Queue()
@@ -123,5 +122,3 @@ def _follow(futures: dict[tuple[str, int], Future[RunResult]], ticks: Any, total
         ProgressBar(desc="SED comparison, iterations of all runs", persist=True).attach(follower)
     if total_ticks:
         follower.run(messages(), max_epochs=1, epoch_length=total_ticks)
-    for future in futures.values():
-        future.result()  # re-raise a worker's error here, with its traceback

@@ -24,15 +24,16 @@ from typing import Any
 import ignite.distributed as idist
 import numpy as np
 import torch
-from ignite.engine import Engine, Events
+from ignite.engine import Engine, Events, create_supervised_evaluator
 from ignite.handlers import EMAHandler as UpstreamEMAHandler
-from ignite.handlers import ProgressBar
+from ignite.handlers import ProgressBar, global_step_from_engine
 from ignite.handlers.tensorboard_logger import OutputHandler, TensorboardLogger
+from ignite.metrics import Metric
 from torch import Tensor, nn
 
 from examples.mean_teacher import create_mean_teacher_trainer
 from examples.sed_f1.data import SEDData, SEDSet
-from examples.sed_f1.metrics import SEDScores
+from examples.sed_f1.metrics import SCORES, SEDScores
 from examples.sed_f1.model import CRNN
 from ignite_ema import BNRecalibration, EMAHandler
 from ignite_ema.handler import unwrap_model
@@ -45,7 +46,6 @@ RUNS: dict[str, str] = {  # run name -> buffer mode of its teacher
     "ema_train": "ema_train",
     "copy+recal": "copy",
 }
-METRICS = ("frame_f1", "segment_f1", "event_f1", "clip_f1")
 
 
 @dataclass(frozen=True)
@@ -114,21 +114,13 @@ def consistency_loss(student: tuple[Tensor, Tensor], teacher: tuple[Tensor, Tens
 
 
 def _evaluator(model: nn.Module, frame_seconds: float) -> Engine:
-    def step(engine: Engine, batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
-        x, y = batch
-        model.eval()
-        with torch.no_grad():
-            frames, clips = model(x)
-        return frames, clips, y
-
-    evaluator = Engine(step)
-    SEDScores(frame_seconds).attach(evaluator, "sed")
-    return evaluator
+    """Ignite's evaluator (eval mode, no grad) whose output is SEDScores' (frame_probs, clip_probs, targets)."""
+    metrics: dict[str, Metric] = {"sed": SEDScores(frame_seconds)}
+    return create_supervised_evaluator(model, metrics, output_transform=lambda x, y, y_pred: (*y_pred, y))
 
 
 def _scores(evaluator: Engine, test: list[tuple[Tensor, Tensor]]) -> dict[str, float]:
-    metrics = evaluator.run(test).metrics
-    return {name: float(metrics[name]) for name in METRICS}
+    return dict(evaluator.run(test).metrics["sed"])
 
 
 def _test_batches(test: SEDSet, batch_size: int = 100) -> list[tuple[Tensor, Tensor]]:
@@ -168,9 +160,9 @@ def train_run(
     if name == "ignite-copy":
         handler = UpstreamEMAHandler(student, momentum=momentum, handle_buffers="copy")
     elif name != "supervised":
-        # Across ranks the EMA weights agree but the statistics do not: average them at each update.
-        sync = "update" if idist.get_world_size() > 1 else None
-        handler = EMAHandler(student, momentum=momentum, handle_buffers=RUNS[name], sync_buffers=sync)
+        # Across ranks the EMA weights agree but the statistics do not: average them at each update (a no-op in a
+        # single process).
+        handler = EMAHandler(student, momentum=momentum, handle_buffers=RUNS[name], sync_buffers="update")
     trainer = create_mean_teacher_trainer(
         student,
         handler,
@@ -209,7 +201,7 @@ def train_run(
     if on_iterations is not None:
         trainer.add_event_handler(Events.ITERATION_COMPLETED(every=every), lambda: on_iterations(every))
     if log_dir is not None:
-        _attach_tensorboard(trainer, student_eval, teacher_eval, log_dir, has_ema=handler is not None)
+        _attach_tensorboard(trainer, student_eval, teacher_eval, log_dir)
 
     with warnings.catch_warnings():
         # The eval-mode teachers ("copy", "update", upstream's) warn that they run in eval mode
@@ -236,24 +228,22 @@ def train_run(
     )
 
 
-def _attach_tensorboard(
-    trainer: Engine, student_eval: Engine, teacher_eval: Engine | None, log_dir: Path, has_ema: bool
-) -> None:
+def _attach_tensorboard(trainer: Engine, student_eval: Engine, teacher_eval: Engine | None, log_dir: Path) -> None:
     """Losses, consistency weight and EMA momentum every 10 iterations; F1 of both models at each evaluation."""
     logger = TensorboardLogger(log_dir=str(log_dir))
     logger.attach(
         trainer,
         OutputHandler(
-            tag="train", output_transform=lambda out: out, state_attributes=["ema_momentum"] if has_ema else None
+            tag="train",
+            output_transform=lambda out: out,
+            state_attributes=["ema_momentum"] if teacher_eval is not None else None,
         ),
         event_name=Events.ITERATION_COMPLETED(every=10),
     )
 
-    def trainer_iteration(engine: Engine, event: Any) -> int:
-        return trainer.state.iteration
-
+    trainer_iteration = global_step_from_engine(trainer, Events.ITERATION_COMPLETED)
     for tag, evaluator in (("student", student_eval), ("teacher", teacher_eval)):
         if evaluator is not None:
-            handler = OutputHandler(tag=tag, metric_names=list(METRICS), global_step_transform=trainer_iteration)
+            handler = OutputHandler(tag=tag, metric_names=list(SCORES), global_step_transform=trainer_iteration)
             logger.attach(evaluator, handler, event_name=Events.COMPLETED)
     trainer.add_event_handler(Events.COMPLETED, logger.close)

@@ -74,6 +74,7 @@ from ignite.metrics import Metric
 from ignite.metrics.metric import reinit__is_reduced, sync_all_reduce
 
 __all__ = [
+    "SCORES",
     "Counts",
     "SEDScores",
     "activity_to_events",
@@ -87,6 +88,8 @@ __all__ = [
     "segment_f1",
 ]
 
+#: The scores SEDScores computes, in its order.
+SCORES = ("frame_f1", "segment_f1", "event_f1", "clip_f1")
 THRESHOLD = 0.5
 SEGMENT_SECONDS = 1.0
 T_COLLAR = 0.2
@@ -130,6 +133,12 @@ class Counts(NamedTuple):
 def _positive(name: str, value: float) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
         raise ValueError(f"{name} must be a finite number of seconds > 0; found {value!r}")
+    return float(value)
+
+
+def _fraction(name: str, value: float, must_be: str = "in [0, 1]") -> float:
+    if isinstance(value, bool) or not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name} must be {must_be}; found {value!r}")
     return float(value)
 
 
@@ -288,10 +297,6 @@ def _segment_roll(activity: BoolArray, frame_seconds: float, segment_seconds: fl
     return covered
 
 
-def _frame_counts(pred: BoolArray, target: BoolArray) -> Counts:
-    return _counts_of(pred, target)
-
-
 def _segment_counts(pred: BoolArray, target: BoolArray, frame_seconds: float, segment_seconds: float) -> Counts:
     return _counts_of(
         _segment_roll(pred, frame_seconds, segment_seconds), _segment_roll(target, frame_seconds, segment_seconds)
@@ -311,7 +316,7 @@ def _event_counts(
 
 def frame_counts(pred: npt.ArrayLike, target: npt.ArrayLike) -> Counts:
     """Counts over all (clip, frame, class) cells of binary ``[B, T, C]`` (or ``[T, C]``) activity."""
-    return _frame_counts(*_pair(pred, target, _FRAME_RANKS))
+    return _counts_of(*_pair(pred, target, _FRAME_RANKS))
 
 
 def frame_f1(pred: npt.ArrayLike, target: npt.ArrayLike) -> float:
@@ -363,9 +368,7 @@ def event_counts(
     pred_b, target_b = _pair(pred, target, _FRAME_RANKS)
     seconds = _positive("frame_seconds", frame_seconds)
     collar = _positive("t_collar", t_collar)
-    if isinstance(percentage_of_length, bool) or not 0.0 <= percentage_of_length <= 1.0:
-        raise ValueError(f"percentage_of_length must be in [0, 1]; found {percentage_of_length!r}")
-    return _event_counts(pred_b, target_b, seconds, collar, float(percentage_of_length))
+    return _event_counts(pred_b, target_b, seconds, collar, _fraction("percentage_of_length", percentage_of_length))
 
 
 def event_f1(
@@ -471,12 +474,8 @@ class SEDScores(Metric):
         self.frame_seconds = _positive("frame_seconds", frame_seconds)
         self.segment_seconds = _positive("segment_seconds", segment_seconds)
         self.t_collar = _positive("t_collar", t_collar)
-        if isinstance(threshold, bool) or not 0.0 <= threshold <= 1.0:
-            raise ValueError(f"threshold must be a probability in [0, 1]; found {threshold!r}")
-        if isinstance(percentage_of_length, bool) or not 0.0 <= percentage_of_length <= 1.0:
-            raise ValueError(f"percentage_of_length must be in [0, 1]; found {percentage_of_length!r}")
-        self.threshold = float(threshold)
-        self.percentage_of_length = float(percentage_of_length)
+        self.threshold = _fraction("threshold", threshold, "a probability in [0, 1]")
+        self.percentage_of_length = _fraction("percentage_of_length", percentage_of_length)
         super().__init__(output_transform=output_transform, device=device)
 
     @reinit__is_reduced
@@ -492,7 +491,7 @@ class SEDScores(Metric):
         target = frame_targets.bool().cpu().numpy()
         tags = (clip_probs >= self.threshold).cpu().numpy()
         counts = [
-            _frame_counts(pred, target),
+            _counts_of(pred, target),
             _segment_counts(pred, target, self.frame_seconds, self.segment_seconds),
             _event_counts(pred, target, self.frame_seconds, self.t_collar, self.percentage_of_length),
             _counts_of(tags, np.asarray(target.any(axis=1), dtype=np.bool_)),
@@ -505,8 +504,7 @@ class SEDScores(Metric):
         if int(self._num_clips) == 0:
             raise NotComputableError("SEDScores must have at least one clip before it can be computed")
         rows = self._counts.tolist()
-        names = ("frame_f1", "segment_f1", "event_f1", "clip_f1")
-        return {name: Counts(*row).f1 for name, row in zip(names, rows, strict=True)}
+        return {name: Counts(*row).f1 for name, row in zip(SCORES, rows, strict=True)}
 
     @staticmethod
     def _check(output: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -7,9 +7,10 @@ import statistics
 from collections.abc import Sequence
 from pathlib import Path
 
-from examples.sed_f1.experiment import METRICS, RunResult
+from examples.sed_f1.experiment import RunResult
+from examples.sed_f1.metrics import SCORES
 
-SHORT = {"frame_f1": "frame", "segment_f1": "segment", "event_f1": "event", "clip_f1": "clip"}
+SHORT = {score: score.removesuffix("_f1") for score in SCORES}  # "frame_f1" -> "frame"
 
 
 def _mean_std(values: Sequence[float]) -> str:
@@ -27,12 +28,12 @@ def _by_run(results: Sequence[RunResult]) -> dict[str, list[RunResult]]:
 def markdown_table(results: Sequence[RunResult]) -> str:
     """Mean ± std over seeds of every F1 (in %), teacher then student, one row per run."""
     header = ["run", "seeds"]
-    header += [f"teacher {SHORT[m]}" for m in METRICS] + [f"student {SHORT[m]}" for m in METRICS]
+    header += [f"teacher {SHORT[m]}" for m in SCORES] + [f"student {SHORT[m]}" for m in SCORES]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name, rows in _by_run(results).items():
         cells = [name, str(len(rows))]
         for model in ("teacher", "student"):
-            for metric in METRICS:
+            for metric in SCORES:
                 values = [getattr(r, model)[metric] for r in rows if getattr(r, model) is not None]
                 cells.append(_mean_std(values) if values else "—")
         lines.append("| " + " | ".join(cells) + " |")
