@@ -16,7 +16,16 @@ import torch
 from ignite.engine import Events
 from torch import Tensor, nn
 
-from benchmarks.contenders import BARE, MOMENTUM, Contender, EngineContender, ours_on_engine
+from benchmarks.contenders import (
+    BARE,
+    MOMENTUM,
+    Contender,
+    EngineContender,
+    floor_lerp,
+    foreach_lerp_alone,
+    ours_on_engine,
+    per_update,
+)
 from benchmarks.measure import Settings, calls_for, interleaved, mean_call_seconds, median
 from benchmarks.models import ModelSpec, averaged_pairs
 from benchmarks.report import paired_ratio, print_table, us
@@ -24,15 +33,6 @@ from benchmarks.report import paired_ratio, print_table, us
 __all__ = ["engine_overheads", "forward_hook_cost", "model_breakdown", "print_breakdown"]
 
 FLOOR_ROW = "floor: one lerp_ over as many elements"
-
-
-def _attr(obj: object, path: str) -> Any:
-    """``obj.a.b`` for ``path='a.b'``, or None."""
-    for name in path.split("."):
-        obj = getattr(obj, name, None)
-        if obj is None:
-            return None
-    return obj
 
 
 def _noop(*args: object) -> None:
@@ -50,25 +50,20 @@ def engine_overheads(settings: Settings) -> dict[str, float]:
     tiny.name = "tiny"
     contenders: list[Contender] = [EngineContender(BARE), one, two, tiny]
     times = interleaved({c.name: partial(c.timed_run, n) for c in contenders}, settings.rounds, settings.warmup)
-
-    def above_bare(name: str) -> float:
-        return us(median([(t - b) / n for t, b in zip(times[name], times[BARE], strict=True)]))
-
+    above_bare = {name: us(median(seconds)) for name, seconds in per_update(times, contenders, n).items()}
     return {
-        "bare engine, per iteration": us(median(times[BARE]) / n),
-        "+ one no-op ITERATION_COMPLETED handler": above_bare("one"),
-        "+ no-op ITERATION_STARTED and ITERATION_COMPLETED handlers": above_bare("two"),
-        "+ ignite_ema attached, on nn.Linear(1, 1) (2 tensors)": above_bare("tiny"),
+        "bare engine, per iteration": above_bare[BARE],
+        "+ one no-op ITERATION_COMPLETED handler": above_bare["one"],
+        "+ no-op ITERATION_STARTED and ITERATION_COMPLETED handlers": above_bare["two"],
+        "+ ignite_ema attached, on nn.Linear(1, 1) (2 tensors)": above_bare["tiny"],
     }
 
 
 def _raw_calls(handler: Any) -> dict[str, Callable[[], object]]:
     """torch's multi-tensor calls alone, on the tensors ours averages and copies."""
     ema_f, st_f, ema_i, st_i = averaged_pairs(handler.ema_model, handler.model)
-    det_e, det_s = [t.detach() for t in ema_f], [t.detach() for t in st_f]
     sizes = [t.numel() for t in st_f]
     flat_e, flat_s = (list(torch.randn(sum(sizes)).split_with_sizes(sizes)) for _ in range(2))
-    flat_all = torch.randn(sum(sizes)), torch.randn(sum(sizes))
 
     @torch.no_grad()
     def lerp(shadows: list[Tensor], students: list[Tensor]) -> None:
@@ -80,9 +75,9 @@ def _raw_calls(handler: Any) -> dict[str, Callable[[], object]]:
             torch._foreach_copy_(ema_i, st_i)
 
     return {
-        FLOOR_ROW: partial(flat_all[0].lerp_, flat_all[1], MOMENTUM),
+        FLOOR_ROW: floor_lerp(handler.model, MOMENTUM).update,
         "    torch._foreach_lerp_, tensors as registered (Parameters)": partial(lerp, ema_f, st_f),
-        "    same, on .detach()ed views (plain Tensors)": partial(lerp, det_e, det_s),
+        "    same, on .detach()ed views (plain Tensors)": foreach_lerp_alone(handler.model, MOMENTUM).update,
         "    same sizes, as views of one flat buffer": partial(lerp, flat_e, flat_s),
         "    torch._foreach_copy_ of the integer buffers": copy,
     }
@@ -90,16 +85,16 @@ def _raw_calls(handler: Any) -> dict[str, Callable[[], object]]:
 
 def _ours_calls(handler: Any, engine: Any) -> dict[str, Callable[[], object] | None]:
     """ignite_ema's pieces, called directly (None where an attribute is missing)."""
-    update, averager, copier = (_attr(handler, a) for a in ("_update", "_averager", "_copier"))
-    schedule = _attr(handler, "_schedule")
+    update, averager, copier = (getattr(handler, a, None) for a in ("_update", "_averager", "_copier"))
+    schedule = getattr(handler, "_schedule", None)
     return {
         "_update() called directly (no engine)": update and partial(update, engine, "ema_momentum"),
         "  ShadowAverager.update (averaged tensors)": averager and partial(averager.update, MOMENTUM),
         "  ShadowAverager.copy (integer buffers)": copier and copier.copy,
         "  MomentumSchedule call": schedule and partial(schedule, 10, 9, 8),
-        "  _check_teacher()": _attr(handler, "_check_teacher"),
-        "_assert_mode() (each ITERATION_STARTED)": _attr(handler, "_assert_mode"),
-        "_bind_student() (each STARTED, once per run)": _attr(handler, "_bind_student"),
+        "  _check_teacher()": getattr(handler, "_check_teacher", None),
+        "_assert_mode() (each ITERATION_STARTED)": getattr(handler, "_assert_mode", None),
+        "_bind_student() (each STARTED, once per run)": getattr(handler, "_bind_student", None),
     }
 
 
@@ -138,7 +133,7 @@ def forward_hook_cost(settings: Settings) -> dict[str, float]:
     """What ours' forward hook on the EMA model adds to each of its forward passes (us, nn.Linear(1, 1))."""
     x = torch.randn(1, 1)
     plain, hooked = nn.Linear(1, 1), nn.Linear(1, 1)
-    hook = _attr(ours_on_engine(nn.Linear(1, 1), MOMENTUM).handler, "_on_ema_forward")
+    hook = getattr(ours_on_engine(nn.Linear(1, 1), MOMENTUM).handler, "_on_ema_forward", None)
     if hook is not None:
         hooked.register_forward_hook(hook)
     calls = calls_for(partial(plain, x))

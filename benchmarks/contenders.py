@@ -9,8 +9,9 @@ its time is subtracted per iteration. The others are called in a plain loop.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -24,7 +25,7 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from benchmarks.measure import clock
-from benchmarks.models import averaged_pairs
+from benchmarks.models import averaged_pairs, describe
 from ignite_ema import EMAHandler
 
 __all__ = [
@@ -41,8 +42,11 @@ __all__ = [
     "DirectContender",
     "EngineContender",
     "build_contenders",
+    "floor_lerp",
+    "foreach_lerp_alone",
     "load_timm_model_ema",
     "ours_on_engine",
+    "per_update",
 ]
 
 MOMENTUM = 0.0002  # Ignite's default; timm and torch get decay = 1 - MOMENTUM
@@ -80,7 +84,6 @@ class Contender:
     """Something that does EMA updates: ``timed_run(n)`` returns seconds for ``n`` of them."""
 
     name: str
-    engine_based: bool = False
 
     def timed_run(self, n: int) -> float:
         raise NotImplementedError
@@ -119,7 +122,6 @@ class EngineContender(Contender):
     name: str
     handler: Any = None
     engine: Engine = field(default_factory=lambda: Engine(_noop_step))
-    engine_based: bool = True
     _start: float = 0.0
     _elapsed: float = 0.0
 
@@ -155,6 +157,7 @@ def _ignite_on_engine(student: nn.Module, momentum: float) -> EngineContender:
     return contender
 
 
+@functools.cache
 def load_timm_model_ema() -> tuple[ModuleType, str]:
     """timm's ``timm/utils/model_ema.py``, imported through timm or, if that fails, loaded alone.
 
@@ -193,9 +196,8 @@ def _averaged_model(student: nn.Module, momentum: float) -> DirectContender:
     return DirectContender(TORCH, lambda: averaged.update_parameters(student))
 
 
-def _floor(student: nn.Module, momentum: float) -> DirectContender:
-    _, students, _, _ = averaged_pairs(student, student)
-    numel = sum(t.numel() for t in students)
+def floor_lerp(student: nn.Module, momentum: float) -> DirectContender:
+    numel = describe(student)["averaged_elements"]
     shadow, source = torch.randn(numel), torch.randn(numel)
 
     def lerp() -> None:
@@ -204,7 +206,7 @@ def _floor(student: nn.Module, momentum: float) -> DirectContender:
     return DirectContender(FLOOR, lerp)
 
 
-def _foreach_alone(student: nn.Module, momentum: float) -> DirectContender:
+def foreach_lerp_alone(student: nn.Module, momentum: float) -> DirectContender:
     _, students, _, _ = averaged_pairs(student, student)
     sources = [t.detach() for t in students]
     shadows = [t.clone() for t in sources]
@@ -219,8 +221,8 @@ def _foreach_alone(student: nn.Module, momentum: float) -> DirectContender:
 def build_contenders(student: nn.Module, momentum: float) -> list[Contender]:
     """Every contender on ``student``, each with its own EMA copy; timm is left out if not installed."""
     contenders: list[Contender | None] = [
-        _floor(student, momentum),
-        _foreach_alone(student, momentum),
+        floor_lerp(student, momentum),
+        foreach_lerp_alone(student, momentum),
         EngineContender(BARE),
         ours_on_engine(student, momentum),
         _ignite_on_engine(student, momentum),
@@ -228,3 +230,15 @@ def build_contenders(student: nn.Module, momentum: float) -> list[Contender]:
         _averaged_model(student, momentum),
     ]
     return [c for c in contenders if c is not None]
+
+
+def per_update(times: dict[str, list[float]], contenders: Sequence[Contender], n: int) -> dict[str, list[float]]:
+    """Seconds per update, round by round: engine-based runs minus the bare engine of the same round."""
+    bare = times[BARE]
+    out: dict[str, list[float]] = {}
+    for c in contenders:
+        if isinstance(c, EngineContender) and c.name != BARE:
+            out[c.name] = [(t - b) / n for t, b in zip(times[c.name], bare, strict=True)]
+        else:
+            out[c.name] = [t / n for t in times[c.name]]
+    return out

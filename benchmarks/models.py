@@ -4,7 +4,8 @@
 - ``transformer``: ``nn.TransformerEncoder``, ~10M parameters in ~150 tensors.
 - ``small``: many small tensors, 200 tiny Linear + LayerNorm + BatchNorm blocks
   (1,800 tensors, ~0.1M elements).
-- :class:`CRNN`: a small sound-event-detection CRNN, for the EMA's share of a training step.
+
+The EMA's share of a training step is measured on the SED example's CRNN (``examples.sed_f1.model``).
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ from itertools import pairwise
 
 from torch import Tensor, nn
 
-__all__ = ["CRNN", "MODELS", "ModelSpec", "averaged_pairs", "describe"]
+from ignite_ema.handler import named_tensors
+
+__all__ = ["MODELS", "ModelSpec", "averaged_pairs", "describe"]
 
 
 def conv_stack() -> nn.Module:
@@ -53,35 +56,6 @@ def many_small(blocks: int = 200, width: int = 20) -> nn.Module:
     return nn.Sequential(*[_TinyBlock(width) for _ in range(blocks)])
 
 
-class CRNN(nn.Module):
-    """A sound-event-detection CRNN: 3 conv+BN+pool blocks, a bidirectional GRU, a frame-level head.
-
-    Input ``(batch, 1, n_mels, frames)``; output frame-level logits ``(batch, frames, n_classes)``.
-    Pooling is over frequency only (64 mel bins / 4**3 = 1), so the frame rate is kept.
-    """
-
-    def __init__(
-        self, n_mels: int = 64, n_classes: int = 10, channels: tuple[int, ...] = (16, 32, 64), hidden: int = 64
-    ) -> None:
-        super().__init__()
-        layers: list[nn.Module] = []
-        c_in, freq = 1, n_mels
-        for c_out in channels:
-            layers += [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU()]
-            layers.append(nn.MaxPool2d((4, 1)))
-            c_in, freq = c_out, freq // 4
-        self.cnn = nn.Sequential(*layers)
-        self.gru = nn.GRU(c_in * freq, hidden, batch_first=True, bidirectional=True)
-        self.head = nn.Linear(2 * hidden, n_classes)
-
-    def forward(self, x: Tensor) -> Tensor:
-        x = self.cnn(x)
-        b, c, f, t = x.shape
-        x, _ = self.gru(x.permute(0, 3, 1, 2).reshape(b, t, c * f))
-        logits: Tensor = self.head(x)
-        return logits
-
-
 @dataclass(frozen=True)
 class ModelSpec:
     """A benchmark model: how to build it and how many updates one timed run does."""
@@ -99,15 +73,9 @@ MODELS: tuple[ModelSpec, ...] = (
 )
 
 
-def _named_tensors(model: nn.Module) -> dict[str, Tensor]:
-    tensors: dict[str, Tensor] = dict(model.named_parameters())
-    tensors.update(model.named_buffers())
-    return tensors
-
-
 def averaged_pairs(ema: nn.Module, student: nn.Module) -> tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor]]:
     """(ema, student) floating tensors, then (ema, student) integer buffers, matched by name, as registered."""
-    ema_t, student_t = _named_tensors(ema), _named_tensors(student)
+    ema_t, student_t = named_tensors(ema), named_tensors(student)
     floating = [n for n, t in ema_t.items() if t.is_floating_point()]
     integer = [n for n, t in ema_t.items() if not t.is_floating_point()]
     return (
@@ -120,7 +88,7 @@ def averaged_pairs(ema: nn.Module, student: nn.Module) -> tuple[list[Tensor], li
 
 def describe(model: nn.Module) -> dict[str, int]:
     """Counts that set the cost of an update: tensors, averaged elements, integer buffers."""
-    tensors = _named_tensors(model).values()
+    tensors = named_tensors(model).values()
     floating = [t for t in tensors if t.is_floating_point()]
     return {
         "parameters": sum(p.numel() for p in model.parameters()),
