@@ -2,7 +2,8 @@
 
 from ignite_ema.averaging import ShadowAverager
 from ignite_ema.batchnorm import BNRecalibration, frozen_bn_stats, recalibrate_bn
-from ignite_ema.handler import EMAHandler
+from ignite_ema.handler import EMAHandler, unwrap_model
+from ignite_ema.launch import run_on_processes
 from ignite_ema.schedules import HalfLife, MomentumSchedule
 
 __all__ = [
@@ -13,5 +14,7 @@ __all__ = [
     "ShadowAverager",
     "frozen_bn_stats",
     "recalibrate_bn",
+    "run_on_processes",
+    "unwrap_model",
 ]
 __version__ = "0.1.0"

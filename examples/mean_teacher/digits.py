@@ -21,10 +21,8 @@ from ignite.handlers import ProgressBar
 from ignite.metrics import Accuracy
 from torch import Tensor, nn
 
-from examples.distributed import run_on_processes
 from examples.mean_teacher.trainer import create_mean_teacher_trainer
-from ignite_ema import EMAHandler
-from ignite_ema.handler import unwrap_model
+from ignite_ema import EMAHandler, run_on_processes, unwrap_model
 
 RUNS = ("supervised", "copy", "update", "ema_train")
 

@@ -21,7 +21,7 @@ from ignite.engine import CallableEventWithFilter, Engine, Events
 from ignite.utils import convert_tensor
 from torch import Tensor, nn
 
-from ignite_ema.handler import unwrap_model
+from ignite_ema import unwrap_model
 
 __all__ = [
     "MeanTeacherBatch",

@@ -13,9 +13,9 @@ import torch
 from ignite.engine import Engine
 from ignite.handlers import ProgressBar
 
-from examples.distributed import run_on_processes
 from examples.sed_f1.data import SEDData, load_npz_dir, synthesize
 from examples.sed_f1.experiment import RunResult, TrainConfig, train_run
+from ignite_ema import run_on_processes
 
 _TICK = 50  # iterations per progress message
 

@@ -35,8 +35,7 @@ from examples.mean_teacher import create_mean_teacher_trainer
 from examples.sed_f1.data import SEDData, SEDSet
 from examples.sed_f1.metrics import SCORES, SEDScores
 from examples.sed_f1.model import CRNN
-from ignite_ema import BNRecalibration, EMAHandler
-from ignite_ema.handler import unwrap_model
+from ignite_ema import BNRecalibration, EMAHandler, unwrap_model
 
 RUNS: dict[str, str] = {  # run name -> buffer mode of its teacher
     "supervised": "none",

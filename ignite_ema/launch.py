@@ -1,4 +1,4 @@
-"""Running a function on several local processes (torch.distributed over gloo, ignite.distributed)."""
+"""Run a function on several local processes: torch.distributed over gloo, through ``ignite.distributed``."""
 
 from __future__ import annotations
 
@@ -13,6 +13,8 @@ from typing import Any, TypeVar
 import ignite.distributed as idist
 import torch
 from ignite.distributed.launcher import Parallel
+
+__all__ = ["run_on_processes"]
 
 T = TypeVar("T")
 
