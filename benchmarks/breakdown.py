@@ -85,16 +85,19 @@ def _raw_calls(handler: Any) -> dict[str, Callable[[], object]]:
 
 def _ours_calls(handler: Any, engine: Any) -> dict[str, Callable[[], object] | None]:
     """ignite_ema's pieces, called directly (None where an attribute is missing)."""
-    update, averager, copier = (getattr(handler, a, None) for a in ("_update", "_averager", "_copier"))
+    ema = getattr(handler, "_ema", None)
+    update = getattr(handler, "_update", None)
+    averager, copier = (getattr(ema, a, None) for a in ("_averager", "_copier"))
     schedule = getattr(handler, "_schedule", None)
     return {
         "_update() called directly (no engine)": update and partial(update, engine, "ema_momentum"),
         "  ShadowAverager.update (averaged tensors)": averager and partial(averager.update, MOMENTUM),
-        "  ShadowAverager.copy (integer buffers)": copier and copier.copy,
+        "  TensorCopier.copy (integer buffers)": copier and copier.copy,
         "  MomentumSchedule call": schedule and partial(schedule, 10, 9, 8),
         "  _check_teacher()": getattr(handler, "_check_teacher", None),
-        "_assert_mode() (each ITERATION_STARTED)": getattr(handler, "_assert_mode", None),
-        "_bind_student() (each STARTED, once per run)": getattr(handler, "_bind_student", None),
+        "_on_iteration_started() (each ITERATION_STARTED)": getattr(handler, "_on_iteration_started", None)
+        and partial(handler._on_iteration_started, engine),
+        "ModelEMA.rebind() (each STARTED, once per run)": getattr(ema, "rebind", None),
     }
 
 
@@ -105,12 +108,12 @@ _ORDER = (
     "    torch._foreach_lerp_, tensors as registered (Parameters)",
     "    same, on .detach()ed views (plain Tensors)",
     "    same sizes, as views of one flat buffer",
-    "  ShadowAverager.copy (integer buffers)",
+    "  TensorCopier.copy (integer buffers)",
     "    torch._foreach_copy_ of the integer buffers",
     "  MomentumSchedule call",
     "  _check_teacher()",
-    "_assert_mode() (each ITERATION_STARTED)",
-    "_bind_student() (each STARTED, once per run)",
+    "_on_iteration_started() (each ITERATION_STARTED)",
+    "ModelEMA.rebind() (each STARTED, once per run)",
 )
 
 

@@ -16,7 +16,7 @@ from itertools import pairwise
 
 from torch import Tensor, nn
 
-from ignite_ema.handler import named_tensors
+from ignite_ema import named_tensors
 
 __all__ = ["MODELS", "ModelSpec", "averaged_pairs", "describe"]
 

@@ -1,201 +1,230 @@
-"""The framework-free core: shadow tensors and one multi-tensor update.
+"""The numeric core, on tensor lists: running averages and copies, one multi-tensor call per group.
 
-Nothing here knows about Ignite. :class:`ShadowAverager` pairs each averaged
-tensor of the student with a *shadow* that holds the running average, and
-applies ``shadow = (1 - m) * shadow + m * student`` with one multi-tensor call
-per group of tensors that share a device and dtypes. It can drive an EMA from a
-plain training loop:
+Nothing here knows about modules or Ignite. :class:`ShadowAverager` keeps
+each *shadow* the running average of its student,
+``shadow = (1 - m) * shadow + m * student``; :class:`TensorCopier` copies
+tensors by value. Both group their pairs once, by the device and dtype of
+each side, so that a call is one multi-tensor kernel per group:
 
 >>> import torch
->>> student = torch.nn.Linear(2, 1)
->>> ema = torch.nn.Linear(2, 1).requires_grad_(False)
->>> averager = ShadowAverager(list(ema.parameters()), list(student.parameters()))
->>> averager.copy()                      # start from the student
->>> with torch.no_grad():
-...     _ = student.weight.add_(1.0)
+>>> student = [torch.ones(2), torch.full((3,), 2.0)]
+>>> shadows = [torch.zeros(2), torch.zeros(3)]
+>>> averager = ShadowAverager(shadows, student)
 >>> averager.update(0.25)
->>> torch.allclose(ema.weight, student.weight - 0.75)
-True
+>>> shadows
+[tensor([0.2500, 0.2500]), tensor([0.5000, 0.5000, 0.5000])]
 """
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor
+from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
 
-__all__ = ["ShadowAverager", "shadow_dtype_for"]
+__all__ = ["FiniteCheck", "ShadowAverager", "TensorCopier", "check_momentum", "shadow_dtype_for", "swap_values"]
 
-_LOW_PRECISION = (torch.float16, torch.bfloat16)
+LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
 def shadow_dtype_for(dtype: torch.dtype) -> torch.dtype:
-    """The dtype the running average of a ``dtype`` tensor is kept in by default.
+    """The dtype the running average of a ``dtype`` tensor is kept in by default: float32 for bf16/fp16."""
+    return torch.float32 if dtype in LOW_PRECISION else dtype
 
-    A bf16 or fp16 average cannot absorb steps far below its resolution (bf16
-    has 8 significant bits, so ``ema * (1 - 2e-4)`` rounds back to ``ema``),
-    so those are averaged in float32; every other dtype is kept as it is.
+
+def check_momentum(momentum: object) -> float:
+    """``momentum`` as a float, or an error unless it is a real number in [0, 1]."""
+    if type(momentum) is float and 0.0 <= momentum <= 1.0:  # the per-update case, without the ABC check
+        return momentum
+    if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real):
+        raise TypeError(f"momentum must be a real number in [0, 1]; found {type(momentum).__name__} {momentum!r}")
+    value = float(momentum)
+    if not (0.0 <= value <= 1.0):  # NaN fails this too
+        raise ValueError(f"momentum must lie in [0, 1] (the weight of the student); found {value}")
+    return value
+
+
+class _Pairs:
+    """``(dst, src)`` pairs that share the device and dtype of each side: one multi-tensor call updates them all.
+
+    torch's ``_group_tensors_by_device_and_dtype`` keys on the first list alone and refuses, for one, an fp16
+    source beside a float32 destination, so the pairs are grouped here on both sides.
     """
-    return torch.float32 if dtype in _LOW_PRECISION else dtype
+
+    def __init__(self, dst: list[Tensor], src: list[Tensor]) -> None:
+        self.dst, self.src = dst, src
+        self.same_dtype = dst[0].dtype == src[0].dtype
+        self.same_device = dst[0].device == src[0].device
+
+    @staticmethod
+    def group(dst: Sequence[Tensor], src: Sequence[Tensor]) -> list[_Pairs]:
+        buckets: dict[tuple[torch.device, torch.dtype, torch.device, torch.dtype], tuple[list[Tensor], list[Tensor]]]
+        buckets = {}
+        for d, s in zip(dst, src, strict=True):
+            lists = buckets.setdefault((d.device, d.dtype, s.device, s.dtype), ([], []))
+            lists[0].append(d)
+            lists[1].append(s)
+        return [_Pairs(d, s) for d, s in buckets.values()]
+
+    def sources_here(self) -> list[Tensor]:
+        """The sources, brought to the destinations' device: the one path that allocates."""
+        if self.same_device:
+            return self.src
+        return [s.to(self.dst[0].device, non_blocking=True) for s in self.src]
 
 
-class _Group:
-    """Tensors that one multi-tensor call can update together."""
+def _check_pairs(dst: Sequence[Tensor], src: Sequence[Tensor], what: str) -> None:
+    if len(src) != len(dst):
+        raise ValueError(f"expected {len(dst)} {what} tensors, found {len(src)}")
+    for i, (d, s) in enumerate(zip(dst, src, strict=True)):
+        if d.shape != s.shape:
+            raise ValueError(f"pair {i}: shape {tuple(d.shape)} here, {tuple(s.shape)} in the {what} tensor")
 
-    def __init__(self, shadows: list[Tensor], students: list[Tensor]) -> None:
-        self.shadows = shadows
-        self.students = students
-        self.same_dtype = shadows[0].dtype == students[0].dtype
-        self.same_device = shadows[0].device == students[0].device
 
-    def lerp(self, momentum: float) -> None:
-        students = self.students
-        if not self.same_device:
-            # The only path that allocates: the student's tensors must be
-            # brought to the shadow's device before they can be read there.
-            students = [s.to(self.shadows[0].device, non_blocking=True) for s in students]
-        if self.same_dtype:
-            torch._foreach_lerp_(self.shadows, students, momentum)
-        else:
-            # lerp needs equal dtypes; mul + add promotes the (low-precision)
-            # student element by element, without a full-size temporary.
-            torch._foreach_mul_(self.shadows, 1.0 - momentum)
-            torch._foreach_add_(self.shadows, students, alpha=momentum)
+class TensorCopier:
+    """Copy ``sources`` into ``targets`` by value (``copy_``), one ``_foreach_copy_`` per group.
 
+    Args:
+        targets: the tensors written, in place.
+        sources: the tensors read, in the same order and of the same shapes
+            (any dtype or device: ``copy_`` converts).
+    """
+
+    def __init__(self, targets: Sequence[Tensor], sources: Sequence[Tensor]) -> None:
+        _check_pairs(targets, sources, "source")
+        self.targets = [t.detach() for t in targets]
+        self.sources = [s.detach() for s in sources]
+        self._groups = _Pairs.group(self.targets, self.sources)
+
+    @torch.no_grad()
     def copy(self) -> None:
-        torch._foreach_copy_(self.shadows, self.students, non_blocking=True)
-
-    def students_finite(self) -> Tensor | None:
-        """See :meth:`ShadowAverager.students_finite`; ``None`` for a group of integer tensors."""
-        student = self.students[0]
-        if not (student.is_floating_point() or student.is_complex()):
-            return None
-        # The 2-norm is NaN or Inf whenever an element is, and it is the fast multi-tensor norm on CPU (the max-abs
-        # norm, which cannot overflow, took 20x longer on 10M float32 elements). fp16/bf16 are summed in float32.
-        dtype = torch.float32 if student.dtype in _LOW_PRECISION else None
-        norms = torch._foreach_norm(self.students, 2, dtype=dtype)
-        return torch.stack(norms).isfinite().all()
+        """``target.copy_(source)`` for every pair."""
+        for group in self._groups:
+            torch._foreach_copy_(group.dst, group.src, non_blocking=True)
 
 
 class ShadowAverager:
-    """Keep ``targets`` an exponential moving average of ``students``.
+    """Keep ``shadows`` an exponential moving average of ``students``, in place.
 
     Args:
-        targets: the EMA model's tensors, updated in place after every call.
-        students: the student's tensors, in the same order and of the same shapes.
-        shadow_dtypes: per pair, the dtype to average in; ``None`` uses
-            :func:`shadow_dtype_for` of the target's dtype. Where it differs
-            from the target's dtype, a separate shadow tensor holds the
-            average and is copied into the target after each update (the
-            target then stays in the student's dtype, so the EMA model takes
-            the student's inputs unchanged).
+        shadows: the running averages, written in place by every call (for
+            bf16/fp16 students, float32 tensors; see :func:`shadow_dtype_for`).
+        students: the tensors averaged, in the same order and of the same
+            shapes; :meth:`bind` pairs the shadows with new ones.
 
-    Tensors are grouped once, here, by (device, dtypes); an update is then one
-    multi-tensor call per group, plus one copy per group that has separate
-    shadows. Nothing is looked up by name and nothing is allocated per update
-    unless shadow and student live on different devices.
+    The pairs are grouped once, at :meth:`bind`; an update is then one
+    multi-tensor call per group, with nothing looked up and, unless shadow and
+    student are on different devices, nothing allocated.
     """
 
-    def __init__(
-        self,
-        targets: Sequence[Tensor],
-        students: Sequence[Tensor],
-        shadow_dtypes: Sequence[torch.dtype] | None = None,
-    ) -> None:
-        if shadow_dtypes is None:
-            shadow_dtypes = [shadow_dtype_for(t.dtype) for t in targets]
-        # Plain (detached) views of the same storage: the multi-tensor kernels
-        # dispatch measurably faster on them than on nn.Parameter objects.
-        self.targets = [t.detach() for t in targets]
-        # A separate shadow only where its dtype differs from the target's.
-        self.shadows = [
-            t if dtype == t.dtype else t.detach().to(dtype=dtype, copy=True)
-            for t, dtype in zip(self.targets, shadow_dtypes, strict=True)
-        ]
-        separate = [i for i, (t, s) in enumerate(zip(self.targets, self.shadows, strict=True)) if t is not s]
-        # Groups whose "shadows" are the targets and whose "students" are the
-        # separate shadows: copy() on them writes each average into its target.
-        self._mirrors = self._group([self.targets[i] for i in separate], [self.shadows[i] for i in separate])
+    def __init__(self, shadows: Sequence[Tensor], students: Sequence[Tensor]) -> None:
+        # Plain (detached) views of the same storage: the multi-tensor kernels dispatch measurably faster on them
+        # than on nn.Parameter objects.
+        self.shadows = [s.detach() for s in shadows]
         self.students: list[Tensor] = []
-        self._groups: list[_Group] = []
+        self._groups: list[_Pairs] = []
         self.bind(students)
 
     def bind(self, students: Sequence[Tensor]) -> None:
-        """Pair the shadows with (possibly new) student tensors of the same shapes.
-
-        Called again when the student's tensors were replaced, for instance by
-        ``model.to(device)``, which gives buffers new tensor objects.
-        """
-        if len(students) != len(self.targets):
-            raise ValueError(f"expected {len(self.targets)} student tensors, found {len(students)}")
-        for i, (target, student) in enumerate(zip(self.targets, students, strict=True)):
-            if target.shape != student.shape:
-                raise ValueError(
-                    f"pair {i}: target shape {tuple(target.shape)} differs from student shape {tuple(student.shape)}"
-                )
+        """Pair the shadows with (possibly new) student tensors of the same shapes."""
+        _check_pairs(self.shadows, students, "student")
         self.students = [s.detach() for s in students]
-        self._groups = self._group(self.shadows, self.students)
-
-    @staticmethod
-    def _group(shadows: Sequence[Tensor], students: Sequence[Tensor]) -> list[_Group]:
-        buckets: dict[tuple[torch.device, torch.dtype, torch.device, torch.dtype], tuple[list[Tensor], list[Tensor]]]
-        buckets = {}
-        for shadow, student in zip(shadows, students, strict=True):
-            key = (shadow.device, shadow.dtype, student.device, student.dtype)
-            pair = buckets.setdefault(key, ([], []))
-            pair[0].append(shadow)
-            pair[1].append(student)
-        return [_Group(sh, st) for sh, st in buckets.values()]
-
-    @property
-    def has_separate_shadows(self) -> bool:
-        """Whether some averages live in tensors other than the targets."""
-        return bool(self._mirrors)
+        self._groups = _Pairs.group(self.shadows, self.students)
 
     @torch.no_grad()
     def update(self, momentum: float) -> None:
-        """``shadow = (1 - momentum) * shadow + momentum * student``, then sync the targets."""
+        """``shadow = (1 - momentum) * shadow + momentum * student``, with ``momentum`` in [0, 1]."""
+        momentum = check_momentum(momentum)
         for group in self._groups:
-            group.lerp(momentum)
-        self.sync_targets()
+            students = group.sources_here()
+            if group.same_dtype:
+                torch._foreach_lerp_(group.dst, students, momentum)
+            else:
+                # lerp needs equal dtypes; mul + add promotes the (low-precision) student element by element,
+                # without a full-size temporary.
+                torch._foreach_mul_(group.dst, 1.0 - momentum)
+                torch._foreach_add_(group.dst, students, alpha=momentum)
 
     @torch.no_grad()
-    def copy(self) -> None:
-        """Set every shadow (and target) to the student's current value."""
+    def copy_students(self) -> None:
+        """Set every shadow to its student's current value: the average restarts there."""
         for group in self._groups:
-            group.copy()
-        self.sync_targets()
+            torch._foreach_copy_(group.dst, group.src, non_blocking=True)
+
+
+class FiniteCheck:
+    """Whether fixed tensors are free of NaN and Inf: one multi-tensor 2-norm per (device, dtype) group.
+
+    Args:
+        tensors: the tensors checked (floating or complex ones; others are ignored).
+    """
+
+    def __init__(self, tensors: Sequence[Tensor]) -> None:
+        self.tensors = [t.detach() for t in tensors if t.is_floating_point() or t.is_complex()]
+        grouped = _group_tensors_by_device_and_dtype([list(self.tensors)]).values() if self.tensors else []
+        self._groups: list[list[Tensor]] = [[t for t in members if t is not None] for (members,), _ in grouped]
 
     @torch.no_grad()
-    def students_finite(self) -> Tensor | None:
-        """A 0-dim bool tensor: ``True`` proves that no student element is NaN or infinite.
+    def all_finite(self) -> Tensor | None:
+        """A 0-dim bool tensor, ``True`` when no element is NaN or infinite; ``None`` without tensors.
 
-        One ``_foreach_norm`` per group (no Python loop over tensors) and
-        nothing read back to the host: the caller decides when to pay that
-        synchronisation (``bool(result)``). ``False`` means that some tensor
-        has a NaN or an Inf, or a 2-norm beyond its dtype's range (float32:
-        elements around 1e19): :meth:`first_nonfinite_student` tells which.
-        ``None`` when there is no floating student tensor.
+        Nothing is read back to the host: the caller decides when to pay that
+        synchronisation. ``False`` also when a 2-norm overflows (float32:
+        elements around 1e19), so confirm with :meth:`first_nonfinite`.
         """
-        flags = [flag for group in self._groups if (flag := group.students_finite()) is not None]
+        flags = []
+        for members in self._groups:
+            # The 2-norm is the fast multi-tensor norm on CPU (the max-abs norm took 20x longer on 10M float32
+            # elements); fp16/bf16 are summed in float32.
+            dtype = torch.float32 if members[0].dtype in LOW_PRECISION else None
+            flags.append(torch.stack(torch._foreach_norm(members, 2, dtype=dtype)).isfinite().all())
         if not flags:
             return None
-        if len(flags) == 1:
-            return flags[0]
-        device = flags[0].device
-        return torch.stack([flag.to(device) for flag in flags]).all()
+        return flags[0] if len(flags) == 1 else torch.stack([f.to(flags[0].device) for f in flags]).all()
 
     @torch.no_grad()
-    def first_nonfinite_student(self) -> int | None:
-        """Index of the first student tensor with a NaN or an Inf, or ``None``: exact, one tensor at a time."""
-        for index, student in enumerate(self.students):
-            if (student.is_floating_point() or student.is_complex()) and not bool(torch.isfinite(student).all()):
+    def first_nonfinite(self) -> int | None:
+        """Index (in ``tensors``) of the first tensor with a NaN or an Inf, or ``None``: exact, one at a time."""
+        for index, tensor in enumerate(self.tensors):
+            if not bool(torch.isfinite(tensor).all()):
                 return index
         return None
 
-    @torch.no_grad()
-    def sync_targets(self) -> None:
-        """Copy the separate shadows into their targets (after loading shadows, say)."""
-        for mirror in self._mirrors:
-            mirror.copy()
+
+def swap_values(first: Sequence[Tensor], second: Sequence[Tensor]) -> None:
+    """Exchange the values of ``first[i]`` and ``second[i]`` in place (same shapes and dtypes, any devices).
+
+    The scratch memory is one byte buffer per device of ``first``, the size of
+    the largest tensor, allocated before anything is written, so a failure to
+    allocate changes nothing. Within that size, tensors are exchanged in
+    chunks: three multi-tensor copies per chunk.
+    """
+    _check_pairs(first, second, "second")
+    first, second = [t.detach() for t in first], [t.detach() for t in second]
+    groups = _Pairs.group(first, second)
+    scratch: dict[torch.device, Tensor] = {}
+    for group in groups:
+        size = max(t.numel() * t.element_size() for t in group.dst)
+        device = group.dst[0].device
+        if scratch.get(device) is None or scratch[device].numel() < size:
+            scratch[device] = torch.empty(size, dtype=torch.uint8, device=device)
+    with torch.no_grad():
+        for group in groups:
+            buffer = scratch[group.dst[0].device]
+            itemsize = group.dst[0].element_size()
+            capacity = buffer.numel() // itemsize
+            start = 0
+            while start < len(group.dst):
+                end, used = start, 0
+                while end < len(group.dst) and used + group.dst[end].numel() <= capacity:
+                    used += group.dst[end].numel()
+                    end += 1
+                a, b = group.dst[start:end], group.src[start:end]
+                flat = buffer[: used * itemsize].view(a[0].dtype)
+                held = [v.view_as(t) for v, t in zip(torch.split(flat, [t.numel() for t in a]), a, strict=True)]
+                torch._foreach_copy_(held, a)
+                torch._foreach_copy_(a, b)
+                torch._foreach_copy_(b, held)
+                start = end

@@ -24,6 +24,7 @@ is small, and the linear rule overshoots (past 1, even) when it is not.
 from __future__ import annotations
 
 import math
+import numbers
 import re
 from dataclasses import dataclass
 
@@ -31,8 +32,8 @@ __all__ = [
     "HalfLife",
     "MomentumSchedule",
     "linear_warmup",
-    "mean_teacher_ramp",
     "momentum_from_half_life",
+    "power_warmup",
 ]
 
 _HALF_LIFE = re.compile(r"^\s*(?P<value>[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*(?P<unit>it|ep|dur)\s*$")
@@ -58,16 +59,19 @@ def linear_warmup(index: int, momentum_warmup: float, momentum: float, warmup_it
     return min(momentum, value) if momentum >= momentum_warmup else max(momentum, value)
 
 
-def mean_teacher_ramp(momentum: float, num_updates: int) -> float:
-    """``max(momentum, 1 / (n + 1))`` at the ``n``-th averaging update (Tarvainen & Valpola, 2017).
+def power_warmup(momentum: float, num_updates: int, gamma: float, power: float) -> float:
+    """``max(momentum, (1 + n / gamma) ** -power)`` at the ``n``-th averaging update.
 
-    Until it reaches ``momentum``, the EMA is the plain average of the initial
-    weights and the ``n`` students it has seen.
+    timm's ``ModelEmaV3`` and diffusers' ``EMAModel`` warm-up, written as a
+    momentum. ``gamma = power = 1`` is the mean-teacher ramp of Tarvainen &
+    Valpola (2017), ``max(momentum, 1 / (n + 1))``: until it reaches
+    ``momentum`` the EMA is the plain average of the initial weights and the
+    ``n`` students it has seen.
 
-    >>> [mean_teacher_ramp(0.1, n) for n in (1, 3, 20)]
+    >>> [power_warmup(0.1, n, 1.0, 1.0) for n in (1, 3, 20)]
     [0.5, 0.25, 0.1]
     """
-    return max(momentum, 1.0 / (num_updates + 1))
+    return max(momentum, math.pow(1.0 + num_updates / gamma, -power))
 
 
 @dataclass(frozen=True)
@@ -84,7 +88,7 @@ class HalfLife:
         >>> HalfLife.parse("2ep")
         HalfLife(value=2.0, unit='ep')
         """
-        if isinstance(spec, bool) or not isinstance(spec, (int, float, str)):
+        if isinstance(spec, bool) or not isinstance(spec, (numbers.Real, str)):
             raise TypeError(
                 f"half_life must be a number of iterations or a string like '500it', '2ep', "
                 f"'0.05dur'; found {type(spec).__name__} {spec!r}"
@@ -126,27 +130,56 @@ class MomentumSchedule:
     """The momentum of each update, from the counters that the handler keeps.
 
     Args:
-        momentum: per-update momentum (used when ``half_life`` is ``None``).
+        momentum: per-update momentum in (0, 1) (used when ``half_life`` is ``None``).
         half_life: half-life in iterations, already resolved from its unit.
         momentum_warmup, warmup_iters: Ignite's linear warm-up, counted in
             iterations since averaging started.
-        mean_teacher: apply :func:`mean_teacher_ramp`.
+        power_warmup: ``(gamma, power)`` of :func:`power_warmup`, counted in
+            averaging updates; ``(1, 1)`` is the mean-teacher ramp.
         start_iteration: updates at iterations up to and including this one
             copy the student (momentum 1); averaging starts after it.
+
+    Raises:
+        ValueError: a value out of its range, neither a momentum nor a
+            half-life, or two warm-ups.
     """
 
     momentum: float | None = None
     half_life: float | None = None
     momentum_warmup: float | None = None
     warmup_iters: int | None = None
-    mean_teacher: bool = False
+    power_warmup: tuple[float, float] | None = None
     start_iteration: int = 0
+
+    def __post_init__(self) -> None:
+        if (self.momentum is None) == (self.half_life is None):
+            raise ValueError(
+                f"a schedule needs exactly one of momentum and half_life; found momentum={self.momentum}, "
+                f"half_life={self.half_life}"
+            )
+        if self.momentum is not None and not 0.0 < self.momentum < 1.0:
+            raise ValueError(f"momentum must lie in (0, 1); found {self.momentum}")
+        if self.half_life is not None and not (math.isfinite(self.half_life) and self.half_life > 0):
+            raise ValueError(f"half_life must be positive and finite; found {self.half_life}")
+        if (self.momentum_warmup is None) != (self.warmup_iters is None):
+            raise ValueError("the linear warm-up needs both momentum_warmup and warmup_iters")
+        if self.momentum_warmup is not None and not 0.0 <= self.momentum_warmup <= 1.0:
+            raise ValueError(f"momentum_warmup must lie in [0, 1]; found {self.momentum_warmup}")
+        if self.warmup_iters is not None and self.warmup_iters < 1:
+            raise ValueError(f"warmup_iters must be at least 1; found {self.warmup_iters}")
+        if self.power_warmup is not None:
+            if self.momentum_warmup is not None:
+                raise ValueError("choose one warm-up: power_warmup or the linear one (momentum_warmup)")
+            if not all(math.isfinite(v) and v > 0 for v in self.power_warmup):
+                raise ValueError(f"power_warmup (gamma, power) must both be positive; found {self.power_warmup}")
+        if self.start_iteration < 0:
+            raise ValueError(f"start_iteration must be at least 0; found {self.start_iteration}")
 
     def __call__(self, iteration: int, last_update_iteration: int, num_averaged: int) -> float:
         """Momentum for an update at ``iteration``.
 
         Args:
-            iteration: the engine's iteration at this update (1 for the first).
+            iteration: the iteration of this update (1 for the first).
             last_update_iteration: iteration of the previous update, 0 if none.
             num_averaged: averaging (not copying) updates done before this one.
         """
@@ -154,12 +187,11 @@ class MomentumSchedule:
             return 1.0
         if self.half_life is not None:
             base = momentum_from_half_life(self.half_life, iteration - last_update_iteration)
-        elif self.momentum is not None:
-            base = self.momentum
         else:
-            raise ValueError("the schedule has neither a momentum nor a half-life")
+            assert self.momentum is not None  # checked at construction
+            base = self.momentum
         if self.momentum_warmup is not None and self.warmup_iters is not None:
             base = linear_warmup(iteration - self.start_iteration, self.momentum_warmup, base, self.warmup_iters)
-        if self.mean_teacher:
-            base = mean_teacher_ramp(base, num_averaged + 1)
+        if self.power_warmup is not None:
+            base = power_warmup(base, num_averaged + 1, *self.power_warmup)
         return base

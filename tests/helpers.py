@@ -12,7 +12,7 @@ from torch import nn
 
 from ignite_ema import EMAHandler
 
-COUNTERS = ("num_updates", "num_averaged", "last_update_iteration", "num_skipped")
+COUNTERS = ("num_averaged", "last_update_iteration", "num_skipped", "iteration_offset")
 
 
 def linear(value: float = 1.0, dtype: torch.dtype = torch.float32) -> nn.Linear:

@@ -1,11 +1,11 @@
-"""ShadowAverager: the multi-tensor update against a plain per-element reference."""
+"""The numeric core on tensor lists: averages against a plain per-element loop, copies, finiteness, swaps."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from ignite_ema.averaging import ShadowAverager
+from ignite_ema.averaging import FiniteCheck, ShadowAverager, TensorCopier, shadow_dtype_for, swap_values
 
 
 def _tensors(dtypes: list[torch.dtype], seed: int) -> list[torch.Tensor]:
@@ -23,50 +23,105 @@ def _tensors(dtypes: list[torch.dtype], seed: int) -> list[torch.Tensor]:
     ],
 )
 def test_update_matches_a_plain_loop(dtypes: list[torch.dtype]) -> None:
-    targets, students = _tensors(dtypes, 0), _tensors(dtypes, 1)
-    expected = [t.double().clone() for t in targets]  # .double() of a float64 tensor is the tensor itself
-    averager = ShadowAverager(targets, students)
+    students = _tensors(dtypes, 1)
+    shadows = [t.to(shadow_dtype_for(t.dtype)) for t in _tensors(dtypes, 0)]
+    expected = [t.double().clone() for t in shadows]  # .double() of a float64 tensor is the tensor itself
+    averager = ShadowAverager(shadows, students)
     for step, momentum in enumerate([0.5, 0.1, 0.01, 0.3]):
         with torch.no_grad():
             for s in students:
                 s.add_(0.125 * (step + 1))
         averager.update(momentum)
         expected = [(1 - momentum) * e + momentum * s.double() for e, s in zip(expected, students, strict=True)]
-    for target, shadow, exp in zip(targets, averager.shadows, expected, strict=True):
-        assert shadow.dtype == (torch.float32 if target.dtype in (torch.float16, torch.bfloat16) else target.dtype)
+    for student, shadow, exp in zip(students, shadows, expected, strict=True):
+        assert shadow.dtype == {torch.float16: torch.float32, torch.bfloat16: torch.float32}.get(
+            student.dtype, student.dtype
+        )
         torch.testing.assert_close(shadow.double(), exp, rtol=1e-6, atol=1e-6)  # shadows are >= fp32
-        torch.testing.assert_close(target, exp.to(target.dtype))  # targets hold the rounded shadow
 
 
-def test_low_precision_targets_get_float32_shadows_and_keep_their_dtype() -> None:
-    target = torch.zeros(8, dtype=torch.bfloat16)
+def test_a_float32_shadow_of_a_bf16_student_absorbs_steps_below_bf16_resolution() -> None:
+    shadow = torch.zeros(8)
     student = torch.ones(8, dtype=torch.bfloat16)
-    averager = ShadowAverager([target], [student])
-    assert averager.has_separate_shadows and averager.shadows[0].dtype == torch.float32
+    averager = ShadowAverager([shadow], [student])
     momentum, steps = 2e-4, 2000
     for _ in range(steps):
         averager.update(momentum)
     expected = 1 - (1 - momentum) ** steps
-    torch.testing.assert_close(averager.shadows[0], torch.full((8,), expected), rtol=2e-4, atol=0)  # fp32 rounding
-    assert target.dtype == torch.bfloat16
-    torch.testing.assert_close(target.float(), torch.full((8,), expected), rtol=2**-8, atol=0)
+    torch.testing.assert_close(shadow, torch.full((8,), expected), rtol=2e-4, atol=0)  # fp32 rounding over 2000 steps
 
 
-def test_copy_is_by_value() -> None:
-    targets, students = _tensors([torch.float32, torch.int64], 0), _tensors([torch.float32, torch.int64], 1)
-    averager = ShadowAverager(targets, students)
-    averager.copy()
+def test_copy_students_restarts_the_average_there() -> None:
+    students = _tensors([torch.float32, torch.bfloat16], 1)
+    shadows = [torch.zeros(3, 4), torch.zeros(5)]
+    averager = ShadowAverager(shadows, students)
+    averager.copy_students()
+    for shadow, student in zip(shadows, students, strict=True):
+        assert torch.equal(shadow, student.float())
+
+
+@pytest.mark.parametrize("momentum", [-0.1, 1.5, float("nan")])
+def test_a_momentum_outside_0_1_is_refused_and_nothing_moves(momentum: float) -> None:
+    shadow, student = torch.zeros(3), torch.ones(3)
+    averager = ShadowAverager([shadow], [student])
+    with pytest.raises(ValueError, match=r"momentum must lie in \[0, 1\]"):
+        averager.update(momentum)
+    assert torch.equal(shadow, torch.zeros(3))
+    with pytest.raises(TypeError, match="momentum must be a real number in"):
+        averager.update("0.1")  # type: ignore[arg-type]
+
+
+def test_copier_copies_by_value() -> None:
+    targets, sources = _tensors([torch.float32, torch.int64], 0), _tensors([torch.float32, torch.int64], 1)
+    TensorCopier(targets, sources).copy()
     copied = [t.clone() for t in targets]
-    for t, s in zip(targets, students, strict=True):
+    for t, s in zip(targets, sources, strict=True):
         assert torch.equal(t, s)
-        s.add_(1)  # the student moves on: the copy must not follow it
+        s.add_(1)  # the source moves on: the copy must not follow it
     for t, c in zip(targets, copied, strict=True):
         assert torch.equal(t, c)
 
 
 def test_bind_rejects_other_shapes_and_counts() -> None:
     averager = ShadowAverager([torch.zeros(3)], [torch.zeros(3)])
-    with pytest.raises(ValueError, match=r"target shape \(3,\) differs from student shape \(4,\)"):
+    with pytest.raises(ValueError, match=r"pair 0: shape \(3,\) here, \(4,\) in the student tensor"):
         averager.bind([torch.zeros(4)])
     with pytest.raises(ValueError, match="expected 1 student tensors, found 2"):
         averager.bind([torch.zeros(3), torch.zeros(3)])
+
+
+def test_finite_check_finds_the_first_bad_tensor_and_ignores_integers() -> None:
+    tensors = [torch.ones(3), torch.arange(4), torch.ones(2, dtype=torch.bfloat16), torch.ones(5, dtype=torch.float64)]
+    check = FiniteCheck(tensors)
+    assert bool(check.all_finite())
+    tensors[3][2] = float("inf")
+    tensors[2][0] = float("nan")
+    assert not bool(check.all_finite())
+    assert check.first_nonfinite() == 1  # of the three floating tensors: the bf16 one
+    assert FiniteCheck([torch.arange(3)]).all_finite() is None
+
+
+def test_finite_check_tells_an_overflowing_norm_from_a_nonfinite_element() -> None:
+    big = torch.full((4,), 1e20)  # finite, but its 2-norm overflows float32
+    check = FiniteCheck([big])
+    assert not bool(check.all_finite())
+    assert check.first_nonfinite() is None
+
+
+def test_swap_values_exchanges_bit_for_bit_with_chunks_of_the_largest_tensor() -> None:
+    dtypes = [torch.float32, torch.int64, torch.float32, torch.bfloat16, torch.float32]
+    shapes = [(7,), (3,), (2, 2), (5,), (0,)]
+    first = [torch.randn(shape).to(dtype) for shape, dtype in zip(shapes, dtypes, strict=True)]
+    second = [torch.randn(shape).to(dtype) for shape, dtype in zip(shapes, dtypes, strict=True)]
+    was_first, was_second = [t.clone() for t in first], [t.clone() for t in second]
+    swap_values(first, second)
+    for a, b, a0, b0 in zip(first, second, was_first, was_second, strict=True):
+        assert torch.equal(a, b0) and torch.equal(b, a0)
+    swap_values(first, second)
+    for a, b, a0, b0 in zip(first, second, was_first, was_second, strict=True):
+        assert torch.equal(a, a0) and torch.equal(b, b0)
+
+
+def test_swap_values_needs_equal_shapes() -> None:
+    with pytest.raises(ValueError, match=r"pair 0: shape \(2,\) here, \(3,\)"):
+        swap_values([torch.zeros(2)], [torch.zeros(3)])

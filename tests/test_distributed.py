@@ -194,7 +194,7 @@ def test_ddp_ema_is_identical_on_every_rank_and_rank_0_checkpoints_load_everywhe
     # ...and loads on every rank, bit for bit, counters included.
     for rank in ranks:
         loaded = rank["loaded"]
-        assert (loaded["num_updates"], loaded["last_update_iteration"]) == (ITERATIONS, ITERATIONS)
+        assert (loaded["num_averaged"], loaded["last_update_iteration"]) == (ITERATIONS, ITERATIONS)
         for name, tensor in saved["tensors"].items():
             assert torch.equal(loaded["tensors"][name], tensor), name
 

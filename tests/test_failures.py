@@ -80,7 +80,7 @@ def test_skip_nonfinite_skips_the_update_leaves_the_ema_as_it_was_and_counts_it(
         assert torch.equal(after[i], after[i - 1])
     assert trainer.state.ema_momentum_skipped == 3
     state = handler.state_dict()
-    assert (state["num_skipped"], state["num_updates"], state["num_averaged"]) == (3, 5, 5)
+    assert (state["num_skipped"], state["num_averaged"], state["last_update_iteration"]) == (3, 5, 8)
     assert len([w for w in record if "NaN or Inf" in str(w.message)]) == 1  # warned once, counted always
 
 
@@ -216,7 +216,7 @@ def test_the_skip_count_is_saved_restored_and_republished() -> None:
     resumed.run(range(2), max_epochs=1)
     assert resumed.state.ema_momentum_skipped == 1
     del state["num_skipped"]
-    with pytest.raises(ValueError, match=r"EMAHandler state is missing \['num_skipped'\]"):
+    with pytest.raises(ValueError, match="Required state attribute 'num_skipped' is absent"):
         target.load_state_dict(state)
 
 
@@ -249,18 +249,20 @@ def test_new_options_are_keyword_only() -> None:
     [
         ({"num_skipped": -1}, "EMAHandler state 'num_skipped' must be a non-negative int; found -1"),
         ({"num_skipped": True}, "'num_skipped' must be a non-negative int; found True"),
-        ({"tensors": [torch.zeros(1, 2)]}, "EMAHandler state 'tensors' must map names to tensors"),
+        ({"iteration_offset": 2.0}, "'iteration_offset' must be a non-negative int; found 2.0"),
+        ({"tensors": [torch.zeros(1, 2)]}, "the EMA state's 'tensors' must map names to tensors"),
         ({"tensors": {"weight": torch.zeros(1, 2, dtype=torch.float64)}}, "saved tensor 'weight' is torch.float64"),
     ],
 )
 def test_bad_states_are_refused_and_nothing_is_loaded(change: dict[str, object], message: str) -> None:
     handler = EMAHandler(linear(5.0), momentum=0.5, skip_nonfinite=True)
     before = clone_state(handler)
+    # Every good part of the state differs from the handler's own, so a partial load would show.
+    state = {"handle_buffers": "copy", "tensors": {"weight": torch.full((1, 2), -1.0)}, "num_averaged": 7}
+    state.update({"last_update_iteration": 9, "num_skipped": 2, "iteration_offset": 3})
     with pytest.raises(ValueError, match=re.escape(message)):
-        handler.load_state_dict({**handler.state_dict(), **change})
-    after = handler.state_dict()
-    assert torch.equal(after["tensors"]["weight"], before["tensors"]["weight"])
-    assert after["num_skipped"] == 0
+        handler.load_state_dict({**state, **change})
+    assert_same_state(handler.state_dict(), before)
 
 
 def test_a_saved_state_with_an_extra_tensor_is_refused() -> None:
@@ -452,7 +454,7 @@ def test_a_run_killed_after_a_checkpoint_resumes_to_bit_identical_ema(tmp_path: 
     assert resumed["momentum"] == full["momentum"]
     assert resumed["skipped"] == full["skipped"] == 1  # the NaN at iteration 4 came before the crash
     assert_same_state(resumed["handler"], full["handler"])
-    assert full["handler"]["num_updates"] == EPOCH_LENGTH * MAX_EPOCHS // 2 - 1
+    assert full["handler"]["num_averaged"] == EPOCH_LENGTH * MAX_EPOCHS // 2 - 1  # one update skipped
     for name, tensor in full["ema_model"].items():
         assert torch.equal(resumed["ema_model"][name], tensor), name
 

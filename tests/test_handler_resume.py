@@ -97,7 +97,7 @@ def test_resume_in_a_new_process_is_bit_identical(tmp_path: Path) -> None:
         a, b = full[name], resumed[name]
         assert a["momentum"] == b["momentum"], name
         assert_same_state(b["handler"], a["handler"], name)
-        assert a["handler"]["num_updates"] == MAX_EPOCHS * EPOCH_LENGTH // 3
+        assert a["handler"]["num_averaged"] == MAX_EPOCHS * EPOCH_LENGTH // 3
         for tensor_name, tensor in a["ema_model"].items():
             assert torch.equal(tensor, b["ema_model"][tensor_name]), (name, tensor_name)
 

@@ -1,4 +1,4 @@
-"""Momentum rules: half-life, Ignite's linear warm-up, the mean-teacher ramp, and their composition."""
+"""Momentum rules: half-life, Ignite's linear warm-up, the power warm-up (mean-teacher ramp, timm), composed."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from ignite_ema.schedules import (
     HalfLife,
     MomentumSchedule,
     linear_warmup,
-    mean_teacher_ramp,
     momentum_from_half_life,
+    power_warmup,
 )
 
 
@@ -47,8 +47,33 @@ def test_linear_warmup_matches_ignites_rule(momentum_warmup: float, momentum: fl
     assert linear_warmup(max(2, warmup_iters), momentum_warmup, momentum, warmup_iters) == momentum
 
 
-def test_mean_teacher_ramp() -> None:
-    assert [mean_teacher_ramp(0.01, n) for n in (1, 2, 4, 99, 100, 1000)] == [0.5, 1 / 3, 0.2, 0.01, 0.01, 0.01]
+def test_mean_teacher_ramp_is_the_power_warmup_with_gamma_and_power_one() -> None:
+    ramp = [power_warmup(0.01, n, 1.0, 1.0) for n in (1, 2, 4, 99, 100, 1000)]
+    assert ramp == pytest.approx([0.5, 1 / 3, 0.2, 0.01, 0.01, 0.01], rel=1e-15)
+
+
+def _timm_get_decay(step: int, decay: float, gamma: float, power: float, update_after_step: int = 0) -> float:
+    """timm 1.0.31 ``ModelEmaV3.get_decay(step)`` with ``use_warmup=True, min_decay=0``, transcribed."""
+    step = max(0, step - update_after_step - 1)
+    if step <= 0:
+        return 0.0
+    return max(min(1 - (1 + step / gamma) ** -power, decay), 0.0)
+
+
+@pytest.mark.parametrize(("gamma", "power"), [(1.0, 2 / 3), (1.0, 3 / 4), (10.0, 1.0), (1.0, 1.0)])
+def test_power_warmup_gives_timms_decays(gamma: float, power: float) -> None:
+    # timm's step s copies at s = 1 (decay 0) and averages from s = 2 with t = s - 1; ours is the same sequence
+    # with start_iteration=1 (the copy) and the n-th averaging update at iteration n + 1.
+    decay = 0.999
+    schedule = MomentumSchedule(momentum=1 - decay, power_warmup=(gamma, power), start_iteration=1)
+    ours = [1 - schedule(step, step - 1, step - 2 if step > 1 else 0) for step in range(1, 3000)]
+    theirs = [_timm_get_decay(step, decay, gamma, power) for step in range(1, 3000)]
+    assert ours == pytest.approx(theirs, rel=1e-12, abs=1e-15)
+
+
+def test_power_warmup_literal_values() -> None:
+    # (1 + n / 2) ** -0.5 for n = 2, 6, 30: 2 ** -0.5, 4 ** -0.5, 16 ** -0.5; below the target 0.3 the target holds
+    assert [power_warmup(0.3, n, 2.0, 0.5) for n in (2, 6, 30)] == pytest.approx([0.7071067811865476, 0.5, 0.3])
 
 
 @pytest.mark.parametrize(
@@ -106,5 +131,25 @@ def test_schedule_half_life_counts_iterations_since_the_last_update() -> None:
 
 
 def test_schedule_ramp_never_goes_below_the_target() -> None:
-    schedule = MomentumSchedule(momentum=0.3, mean_teacher=True)
-    assert [schedule(i, i - 1, i - 1) for i in (1, 2, 3, 4)] == [0.5, 1 / 3, 0.3, 0.3]
+    schedule = MomentumSchedule(momentum=0.3, power_warmup=(1.0, 1.0))
+    assert [schedule(i, i - 1, i - 1) for i in (1, 2, 3, 4)] == pytest.approx([0.5, 1 / 3, 0.3, 0.3], rel=1e-15)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({}, "exactly one of momentum and half_life"),
+        ({"momentum": 0.1, "half_life": 5.0}, "exactly one of momentum and half_life"),
+        ({"momentum": 1.5}, r"momentum must lie in \(0, 1\); found 1.5"),
+        ({"momentum": -0.1}, "momentum must lie in"),
+        ({"half_life": -2.0}, "half_life must be positive"),
+        ({"momentum": 0.1, "momentum_warmup": 2.0, "warmup_iters": 3}, r"momentum_warmup must lie in \[0, 1\]"),
+        ({"momentum": 0.1, "momentum_warmup": 0.5}, "needs both"),
+        ({"momentum": 0.1, "power_warmup": (0.0, 1.0)}, "must both be positive"),
+        ({"momentum": 0.1, "power_warmup": (1.0, 1.0), "momentum_warmup": 0.5, "warmup_iters": 2}, "choose one"),
+        ({"momentum": 0.1, "start_iteration": -1}, "start_iteration must be at least 0"),
+    ],
+)
+def test_a_schedule_out_of_range_is_refused(kwargs: dict[str, object], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        MomentumSchedule(**kwargs)  # type: ignore[arg-type]

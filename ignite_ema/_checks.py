@@ -1,0 +1,93 @@
+"""Argument checks shared by the public classes: each says what was expected and what was found.
+
+Numbers are accepted by kind, not by Python type: any real number (numpy's
+included) where a real is expected and any integral one where a count is,
+but never a bool.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import sys
+import warnings
+
+import torch
+
+__all__ = ["check_bool", "check_count", "check_device", "check_fraction", "check_real", "warn_at_caller"]
+
+
+def check_real(name: str, value: object) -> float:
+    """``value`` as a finite float, or a ``TypeError`` / ``ValueError`` naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number; found {type(value).__name__} {value!r}")
+    result = float(value)
+    if not math.isfinite(result):
+        raise ValueError(f"{name} must be finite; found {result}")
+    return result
+
+
+def check_fraction(name: str, value: object, *, low_open: bool, high_open: bool) -> float:
+    """``value`` as a float in (0, 1), [0, 1], ... as the flags say."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number; found {type(value).__name__} {value!r}")
+    result = float(value)
+    low_ok = result > 0 if low_open else result >= 0
+    high_ok = result < 1 if high_open else result <= 1
+    if not (low_ok and high_ok):  # NaN fails both
+        interval = ("(" if low_open else "[") + "0, 1" + (")" if high_open else "]")
+        raise ValueError(f"Invalid {name}: expected a value in {interval}, found {result}")
+    return result
+
+
+def check_count(name: str, value: object, *, minimum: int) -> int:
+    """``value`` as an int of at least ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int; found {type(value).__name__} {value!r}")
+    result = int(value)
+    if result < minimum:
+        raise ValueError(f"{name} must be at least {minimum}; found {result}")
+    return result
+
+
+def check_bool(name: str, value: object) -> bool:
+    """``value`` if it is ``True`` or ``False``."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False; found {type(value).__name__} {value!r}")
+    return bool(value)
+
+
+def check_device(value: object) -> torch.device | None:
+    """``None``, or a device that can hold an EMA (not ``"meta"``, which holds no values)."""
+    if value is None:
+        return None
+    if not isinstance(value, (str, int, torch.device)) or isinstance(value, bool):
+        raise TypeError(
+            f"device must be a torch.device, a string like 'cuda:0' or 'cpu', or None; "
+            f"found {type(value).__name__} {value!r}"
+        )
+    try:
+        device = torch.device(value)
+    except RuntimeError as error:
+        raise ValueError(f"device {value!r} is not a device torch knows: {error}") from None
+    if device.type == "meta":
+        raise ValueError("device='meta' holds no values, so an EMA cannot live there; pass a real device or None")
+    return device
+
+
+# Frames of these packages are skipped when a warning looks for the line of user code to point at.
+_INTERNAL = ("ignite_ema", "ignite", "torch", "contextlib")
+
+
+def warn_at_caller(message: str) -> None:
+    """``warnings.warn(message)`` pointing at the first frame outside ignite_ema, Ignite and torch.
+
+    A warning raised inside an Ignite event points at the user's
+    ``trainer.run(...)``, one raised by a constructor at the line that built it.
+    """
+    frame = sys._getframe(1)
+    level = 2  # the caller of this function
+    while frame.f_back is not None and str(frame.f_globals.get("__name__", "")).split(".")[0] in _INTERNAL:
+        frame = frame.f_back
+        level += 1
+    warnings.warn(message, UserWarning, stacklevel=level)

@@ -1,0 +1,523 @@
+"""ModelEMA: the exponential moving average of one model's tensors, without Ignite.
+
+It owns what makes an EMA of a module: unwrapping wrappers, pairing tensors
+by name, the buffer policy of the three modes, float32 shadows for
+low-precision tensors, swapping the EMA into the student, and the state.
+How fast it forgets is the caller's: :meth:`ModelEMA.update` takes the
+momentum of each update.
+
+>>> import torch
+>>> from ignite_ema import ModelEMA
+>>> student = torch.nn.Linear(2, 1, bias=False)
+>>> _ = torch.nn.init.zeros_(student.weight)
+>>> ema = ModelEMA(student)
+>>> with torch.no_grad():
+...     _ = student.weight.fill_(1.0)     # stands for an optimiser step
+>>> ema.update(0.25)                      # ema = 0.75 * ema + 0.25 * student
+>>> ema.ema_model.weight
+Parameter containing:
+tensor([[0.2500, 0.2500]])
+>>> with ema.swapped():                   # the student itself holds the EMA weights in here
+...     student.weight
+Parameter containing:
+tensor([[0.2500, 0.2500]], requires_grad=True)
+>>> student.weight                        # and its own ones again after
+Parameter containing:
+tensor([[1., 1.]], requires_grad=True)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from copy import deepcopy
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn.modules.lazy import LazyModuleMixin
+
+from ignite_ema._checks import check_device, warn_at_caller
+from ignite_ema.averaging import (
+    FiniteCheck,
+    ShadowAverager,
+    TensorCopier,
+    check_momentum,
+    shadow_dtype_for,
+    swap_values,
+)
+from ignite_ema.distributed import RankAverage, any_rank, world_size
+
+__all__ = ["BUFFER_MODES", "ModelEMA", "named_tensors", "unwrap_model"]
+
+BUFFER_MODES = ("copy", "update", "ema_train")
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The module inside DataParallel, DistributedDataParallel and ``torch.compile`` wrappers."""
+    while True:
+        if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            model = model.module
+        elif isinstance(inner := getattr(model, "_orig_mod", None), nn.Module):
+            model = inner  # torch.compile's OptimizedModule
+        else:
+            return model
+
+
+def named_tensors(module: nn.Module) -> dict[str, Tensor]:
+    """Parameters then buffers, by name, each shared tensor once (tied weights are averaged once)."""
+    tensors: dict[str, Tensor] = dict(module.named_parameters())
+    tensors.update(module.named_buffers())
+    return tensors
+
+
+class ModelEMA:
+    r"""The exponential moving average of a model's parameters and buffers.
+
+    After :meth:`update` with momentum ``m``,
+    :math:`\theta_{EMA} \leftarrow (1 - m)\,\theta_{EMA} + m\,\theta`
+    for every averaged tensor; buffers follow ``handle_buffers``.
+
+    Args:
+        model: the student. ``DataParallel``, ``DistributedDataParallel`` and
+            ``torch.compile`` wrappers are unwrapped; its lazy modules must be
+            initialised.
+        handle_buffers: ``"copy"`` (buffers copied by value at each update,
+            the EMA model in eval mode), ``"update"`` (floating buffers
+            averaged like the weights, integer ones copied; eval mode) or
+            ``"ema_train"`` (buffers left to the EMA model's own forward
+            passes; train mode: a mean-teacher teacher).
+
+    Keyword Args:
+        ema_model: an EMA module built by the caller, with the student's
+            tensor names and shapes and the student's dtypes or wider floating
+            ones; the student's values are copied into it. A float32 EMA model
+            of a bf16 student is its own (float32) average. By default, a deep
+            copy of the student.
+        device: keep the deep copy on this device (the student's by default).
+        shadow_dtype: dtype the floating averages are kept in; by default
+            float32 for bf16/fp16 tensors and the tensor's own dtype otherwise.
+            Complex tensors use the complex dtype that holds both.
+
+    Attributes:
+        model: the student, unwrapped.
+        ema_model: the averaged module (``requires_grad`` off).
+        handle_buffers: the buffer mode.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        handle_buffers: str = "copy",
+        *,
+        ema_model: nn.Module | None = None,
+        device: torch.device | str | None = None,
+        shadow_dtype: torch.dtype | None = None,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise ValueError(
+                f"model should be an instance of nn.Module or its subclasses, but got {type(model).__name__}"
+            )
+        if handle_buffers not in BUFFER_MODES:
+            raise ValueError(
+                f"handle_buffers can only be one of 'copy', 'update', 'ema_train', but got {handle_buffers!r}"
+            )
+        placed = check_device(device)
+        if shadow_dtype is not None and not (isinstance(shadow_dtype, torch.dtype) and shadow_dtype.is_floating_point):
+            raise TypeError(f"shadow_dtype must be a floating torch.dtype or None; found {shadow_dtype!r}")
+        if ema_model is not None and not isinstance(ema_model, nn.Module):
+            raise TypeError(f"ema_model must be an nn.Module or None; found {type(ema_model).__name__}")
+        if ema_model is not None and placed is not None:
+            raise ValueError("give device= or ema_model=, not both: an ema_model stays where it is")
+        self.model = unwrap_model(model)
+        self.handle_buffers = handle_buffers
+        _check_initialised(self.model, "model")
+        student = named_tensors(self.model)
+
+        if ema_model is None:
+            ema_model = deepcopy(self.model)
+            if placed is not None:
+                ema_model.to(placed)
+        else:
+            ema_model = unwrap_model(ema_model)
+            _check_initialised(ema_model, "ema_model")
+            _check_caller_ema_model(self.model, ema_model, student)
+            with torch.no_grad():
+                for name, tensor in named_tensors(ema_model).items():
+                    tensor.copy_(student[name])
+        self.ema_model = ema_model
+        for param in ema_model.parameters():
+            param.detach_()
+            param.requires_grad_(False)
+        ema_model.train(handle_buffers == "ema_train")
+        targets = named_tensors(ema_model)
+
+        # An EMA built beside the student must stay there; one placed on purpose (device=) may be elsewhere.
+        self._follows_device = placed is None and all(targets[n].device == student[n].device for n in targets)
+        self._student_kinds = {n: (t.dtype, t.device) for n, t in student.items()}
+        self._shapes = {n: t.shape for n, t in targets.items()}
+        params = {n for n, _ in ema_model.named_parameters()}
+        self._averaged = [n for n, t in targets.items() if _is_averaged(n in params, t, handle_buffers)]
+        own_buffers = handle_buffers == "ema_train"  # left to the EMA model's own forward passes
+        self._copied = [n for n in targets if n not in self._averaged and (n in params or not own_buffers)]
+        self._targets = {n: t.detach() for n, t in targets.items()}
+        shadows = [self._shadow_for(self._targets[n], shadow_dtype) for n in self._averaged]
+        self._state = dict(self._targets)
+        self._state.update(zip(self._averaged, shadows, strict=True))
+        self._has_statistics = any(t.is_floating_point() for n, t in targets.items() if n not in params)
+
+        self._averager = ShadowAverager(shadows, [student[n] for n in self._averaged])
+        self._copier = TensorCopier([self._targets[n] for n in self._copied], [student[n] for n in self._copied])
+        self._finite = FiniteCheck([])
+        mirrored = [n for n, s in zip(self._averaged, shadows, strict=True) if s is not self._targets[n]]
+        self._mirrored = mirrored
+        self._mirror = TensorCopier([self._targets[n] for n in mirrored], [self._state[n] for n in mirrored])
+        # What a rank average acts on: a floating buffer's average (its shadow, which the next update reads).
+        self._buffer_average = RankAverage(
+            [self._state[n] for n, t in targets.items() if n not in params and t.is_floating_point()]
+        )
+        self._swapped = False
+        self._warned: set[str] = set()
+        self._bind(student)
+        self._mirror_versions = self._versions()
+
+    @staticmethod
+    def _shadow_for(target: Tensor, shadow_dtype: torch.dtype | None) -> Tensor:
+        dtype = shadow_dtype_for(target.dtype) if shadow_dtype is None else shadow_dtype
+        if target.is_complex():
+            dtype = torch.promote_types(target.dtype, dtype)  # a complex dtype wide enough for both
+        return target if dtype == target.dtype else target.detach().to(dtype=dtype, copy=True)
+
+    @property
+    def has_statistics(self) -> bool:
+        """Whether the EMA model has floating buffers (BatchNorm statistics, say)."""
+        return self._has_statistics
+
+    # ------------------------------------------------------------------ student
+
+    def _bind(self, student: Mapping[str, Tensor]) -> None:
+        self._averager.bind([student[n] for n in self._averaged])
+        self._copier = TensorCopier([self._targets[n] for n in self._copied], [student[n] for n in self._copied])
+        self._finite = FiniteCheck([student[n] for n in (*self._averaged, *self._copied)])
+        self._finite_names = [n for n in (*self._averaged, *self._copied) if _can_be_nonfinite(student[n])]
+
+    def rebind(self) -> None:
+        """Look the student's tensors up by name again, after they were replaced (``model.to(...)``, say).
+
+        Raises ``ValueError`` naming the first tensor that the EMA cannot
+        follow: one added, removed, reshaped, converted to another dtype, or
+        moved to another device when the EMA was not placed with ``device=``
+        or ``ema_model=``; or an EMA model whose tensors were replaced.
+        Ignite's :class:`~ignite_ema.EMAHandler` calls this when a run starts.
+        """
+        student = named_tensors(self.model)
+        _check_same_names_and_shapes(
+            self._shapes,
+            {n: t.shape for n, t in student.items()},
+            "the student",
+            hint="was the model changed after the EMA was built? Build the EMA from the final model",
+        )
+        for name, tensor in student.items():
+            dtype, device = self._student_kinds[name]
+            if tensor.dtype != dtype:
+                raise ValueError(
+                    f"the student's tensor '{name}' is {tensor.dtype} now, {dtype} when the EMA was built: the EMA "
+                    "cannot follow a conversion. Convert the model before building the EMA"
+                )
+            if tensor.device != device and self._follows_device:
+                raise ValueError(
+                    f"the student's tensor '{name}' moved from {device} to {tensor.device} after the EMA was built, "
+                    "and its EMA stays behind. Move the model before building the EMA, or pass device= to keep "
+                    "the EMA elsewhere on purpose"
+                )
+        self._check_targets_in_place()
+        self._bind(student)
+
+    def _check_targets_in_place(self) -> None:
+        """The averages are written into the EMA model's tensors as they were built; moving or converting the EMA
+        model afterwards (``.to()``, ``.double()``) gives it new storage that would silently stop being updated."""
+        current = named_tensors(self.ema_model)
+        for name, target in self._targets.items():
+            now = current.get(name)
+            if now is None or now.data_ptr() != target.data_ptr() or now.dtype != target.dtype:
+                found = "gone" if now is None else f"now {now.dtype} on {now.device}"
+                raise ValueError(
+                    f"the EMA model's tensor '{name}' was replaced after the EMA was built ({found}, was "
+                    f"{target.dtype} on {target.device}), so it can no longer be updated. Pass device= (and move "
+                    "the student before building the EMA) instead of moving ema_model"
+                )
+
+    # ------------------------------------------------------------------ updates
+
+    def update(self, momentum: float) -> None:
+        """``ema = (1 - momentum) * ema + momentum * student`` for every averaged tensor; buffers per the mode.
+
+        Args:
+            momentum: the weight of the student, in [0, 1].
+        """
+        momentum = check_momentum(momentum)
+        self._refuse_while_swapped("update")
+        self._adopt_outside_writes()
+        self._averager.update(momentum)
+        self._after_update()
+
+    def copy_student(self) -> None:
+        """Set the EMA to the student's current values (buffers per the mode): the average restarts there."""
+        self._refuse_while_swapped("copy_student")
+        self._averager.copy_students()
+        self._after_update()
+
+    def _after_update(self) -> None:
+        self._copier.copy()
+        self._mirror.copy()
+        self._mirror_versions = self._versions()
+
+    def _versions(self) -> list[int]:
+        return [t._version for t in self._mirror.targets]
+
+    def _adopt_outside_writes(self, *, compare_all: bool = False) -> None:
+        """Take the EMA model's values where something else wrote them since the last update.
+
+        Only tensors with a separate (float32) shadow can disagree with it; a
+        write bumps a tensor's version counter, and only those that also differ
+        in value re-seed their shadow, losing its extra precision (said once).
+        """
+        if not self._mirrored:
+            return
+        versions = self._versions()
+        if versions == self._mirror_versions and not compare_all:
+            return
+        targets, shadows = self._mirror.targets, self._mirror.sources
+        with torch.no_grad():
+            differ = [
+                i
+                for i, (now, then) in enumerate(zip(versions, self._mirror_versions, strict=True))
+                if (compare_all or now != then) and not torch.equal(targets[i], shadows[i].to(targets[i].dtype))
+            ]
+            for i in differ:
+                shadows[i].copy_(targets[i])
+        self._mirror_versions = versions
+        if differ and "outside_write" not in self._warned:
+            self._warned.add("outside_write")
+            name = self._mirrored[differ[0]]
+            warn_at_caller(
+                f"the EMA model's tensor '{name}' ({len(differ)} in all) was written from outside the EMA (a load "
+                f"into ema_model, recalibrate_bn, ...) and no longer matches its {shadows[differ[0]].dtype} shadow: "
+                f"the EMA goes on from the EMA model's {targets[differ[0]].dtype} values, and the shadow's extra "
+                "precision is lost. To keep it, save and load the EMA itself (its state_dict(), e.g. "
+                "Checkpoint(to_save={'ema': ema_handler})) rather than ema_model's"
+            )
+
+    def check_outside_writes(self) -> None:
+        """Compare every low-precision EMA tensor with its shadow now, and adopt the ones that differ.
+
+        :meth:`update` catches writes by their version counters; this also
+        catches writes through ``.data``. Ignite's handler calls it when a run
+        starts.
+        """
+        self._adopt_outside_writes(compare_all=True)
+
+    # ------------------------------------------------------------------ non-finite students and ranks
+
+    def nonfinite_student(self) -> str | None:
+        """What to name if a student tensor an update reads has NaN or Inf, on this rank or another; else ``None``.
+
+        One multi-tensor norm and one host synchronisation; with world size
+        above 1, one all-reduce of one number, so every rank gets the same
+        answer (call it on every rank). The exact scan runs only when a norm
+        is not finite.
+        """
+        flag = self._finite.all_finite()
+        if flag is None:
+            return None
+        bad = None
+        if not bool(flag):  # the one host synchronisation
+            index = self._finite.first_nonfinite()  # None when a norm merely overflowed
+            bad = None if index is None else f"the student's tensor '{self._finite_names[index]}'"
+        if world_size() > 1 and any_rank(bad is not None, flag.device) and bad is None:
+            return "a student tensor on another rank"
+        return bad
+
+    def average_buffers_across_ranks(self) -> None:
+        """Set the EMA's floating buffers to their mean over the ranks, now (a collective; no-op on one process).
+
+        Integer buffers are left alone. Averaging ``running_var`` over ranks
+        leaves out the spread of the means between them: the usual
+        SyncBatchNorm-free approximation.
+        """
+        self._refuse_while_swapped("average_buffers_across_ranks")
+        self._buffer_average()
+        self._mirror.copy()
+        self._mirror_versions = self._versions()
+
+    # ------------------------------------------------------------------ swap
+
+    @contextmanager
+    def swapped(self) -> Iterator[None]:
+        """Put every tensor of the EMA into the student module, in place, for the block; restore it after.
+
+        Inside the block the student's parameters and buffers hold the EMA's
+        values (its tensor objects stay the same ones, so optimisers, compiled
+        graphs, wrappers and hooks keep working) and ``ema_model`` holds the
+        student's. On exit, also by exception, both are back bit for bit. The
+        extra memory is the largest tensor's, except for tensors whose EMA is
+        in a wider dtype than the student (a float32 ``ema_model`` of a bf16
+        student): those are kept aside whole. Swaps do not nest, and
+        :meth:`update` and the state calls refuse to run inside one.
+        """
+        self._refuse_while_swapped("swapped")
+        self.rebind()
+        student = named_tensors(self.model)
+        same = [n for n in self._targets if student[n].dtype == self._targets[n].dtype]
+        wider = [n for n in self._targets if student[n].dtype != self._targets[n].dtype]
+        parked = [student[n].detach().clone() for n in wider]
+        swap_values([student[n] for n in same], [self._targets[n] for n in same])
+        with torch.no_grad():
+            for name in wider:
+                student[name].copy_(self._targets[name])
+        self._swapped = True
+        try:
+            yield
+        finally:
+            swap_values([student[n] for n in same], [self._targets[n] for n in same])
+            with torch.no_grad():
+                for name, kept in zip(wider, parked, strict=True):
+                    student[name].copy_(kept)
+            self._swapped = False
+            self._mirror_versions = self._versions()
+
+    @property
+    def is_swapped(self) -> bool:
+        """Whether the student holds the EMA's values now (inside :meth:`swapped`)."""
+        return self._swapped
+
+    def _refuse_while_swapped(self, what: str) -> None:
+        if self._swapped:
+            raise RuntimeError(
+                f"{what}() was called while the EMA is swapped into the student (inside `with ema.swapped():`), "
+                "where the student holds the EMA's values and the EMA model the student's. Call it after the block"
+            )
+
+    # ------------------------------------------------------------------ state
+
+    def state_dict(self) -> dict[str, Any]:
+        """The mode and every tensor of the EMA, by name: averaged ones in their shadow dtype (float32 for bf16).
+
+        Tensors are references, as in ``nn.Module.state_dict``.
+        """
+        self._refuse_while_swapped("state_dict")
+        return {"handle_buffers": self.handle_buffers, "tensors": dict(self._state)}
+
+    def check_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Raise ``TypeError`` / ``ValueError`` naming what does not fit :meth:`load_state_dict`; change nothing."""
+        if not isinstance(state_dict, Mapping):
+            raise TypeError(f"expected a mapping from state_dict(); found {type(state_dict).__name__}")
+        missing = [k for k in ("handle_buffers", "tensors") if k not in state_dict]
+        if missing:
+            raise ValueError(f"the EMA state is missing {missing}; expected the keys of state_dict()")
+        if state_dict["handle_buffers"] != self.handle_buffers:
+            raise ValueError(
+                f"the state was saved with handle_buffers={state_dict['handle_buffers']!r}, "
+                f"this EMA uses {self.handle_buffers!r}"
+            )
+        saved = state_dict["tensors"]
+        if not isinstance(saved, Mapping) or not all(isinstance(t, Tensor) for t in saved.values()):
+            raise ValueError("the EMA state's 'tensors' must map names to tensors")
+        _check_same_names_and_shapes(
+            self._shapes,
+            {n: t.shape for n, t in saved.items()},
+            "the saved state",
+            hint="was it saved from another model? Load a state saved by an EMA of the same model",
+        )
+        for name, tensor in saved.items():
+            if tensor.dtype != self._state[name].dtype:
+                raise ValueError(
+                    f"saved tensor '{name}' is {tensor.dtype}, the EMA keeps it as {self._state[name].dtype}"
+                )
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict`, all or nothing: a state that does not fit raises before anything changes."""
+        self._refuse_while_swapped("load_state_dict")
+        self.check_state_dict(state_dict)
+        with torch.no_grad():
+            for name, tensor in state_dict["tensors"].items():
+                self._state[name].copy_(tensor)
+        self._mirror.copy()
+        self._mirror_versions = self._versions()
+
+
+def _is_averaged(is_param: bool, tensor: Tensor, mode: str) -> bool:
+    return _can_be_nonfinite(tensor) and (is_param or mode == "update")
+
+
+def _can_be_nonfinite(tensor: Tensor) -> bool:
+    return tensor.is_floating_point() or tensor.is_complex()
+
+
+def _check_initialised(module: nn.Module, what: str) -> None:
+    for name, sub in module.named_modules():
+        if _is_uninitialised(sub):
+            raise ValueError(
+                f"{what} has a lazy module that is not initialised yet ('{name or type(sub).__name__}', "
+                f"{type(sub).__name__}): its shapes are known only after a first forward pass. Run one batch "
+                "through the model before building the EMA"
+            )
+
+
+def _is_uninitialised(module: nn.Module) -> bool:
+    return isinstance(module, LazyModuleMixin) and bool(module.has_uninitialized_params())
+
+
+def _check_caller_ema_model(student_module: nn.Module, ema_model: nn.Module, student: Mapping[str, Tensor]) -> None:
+    """A caller's EMA model must be a separate module with the student's names and shapes, and fitting dtypes."""
+    if ema_model is student_module:
+        raise ValueError("ema_model is the student itself: pass a separate module (a second instance of the model)")
+    ema = named_tensors(ema_model)
+    _check_same_names_and_shapes(
+        {n: t.shape for n, t in student.items()},
+        {n: t.shape for n, t in ema.items()},
+        "ema_model",
+        hint="ema_model must be built like the student (wrappers are unwrapped on both)",
+        reference="the student",
+    )
+    storages = {t.untyped_storage().data_ptr(): n for n, t in student.items() if t.numel() > 0}
+    for name, tensor in ema.items():
+        if tensor.numel() > 0 and tensor.untyped_storage().data_ptr() in storages:
+            raise ValueError(
+                f"ema_model's tensor '{name}' shares storage with the student's "
+                f"'{storages[tensor.untyped_storage().data_ptr()]}': the EMA would overwrite the student. Pass a "
+                "module with tensors of its own (copy.deepcopy(student), or a second instance)"
+            )
+        want = student[name].dtype
+        if tensor.dtype != want and not _holds(tensor.dtype, want):
+            raise ValueError(
+                f"ema_model's tensor '{name}' is {tensor.dtype}, the student's is {want}: an EMA model must have the "
+                "student's dtypes or wider floating ones (a float32 EMA of a bf16 student, say)"
+            )
+
+
+def _holds(wide: torch.dtype, narrow: torch.dtype) -> bool:
+    """Whether ``wide`` is a floating (or complex) dtype that represents every ``narrow`` value."""
+    floating = (wide.is_floating_point or wide.is_complex) and (narrow.is_floating_point or narrow.is_complex)
+    return floating and torch.promote_types(wide, narrow) == wide
+
+
+def _check_same_names_and_shapes(
+    expected: Mapping[str, torch.Size],
+    found: Mapping[str, torch.Size],
+    what: str,
+    *,
+    hint: str,
+    reference: str = "the EMA model",
+) -> None:
+    """Raise ValueError naming the first tensor missing, extra or of another shape, with ``hint``: what to do."""
+    for name, shape in expected.items():
+        if name not in found:
+            raise ValueError(f"{what} has no tensor '{name}' (shape {tuple(shape)}), which {reference} has: {hint}")
+        if found[name] != shape:
+            raise ValueError(
+                f"tensor '{name}' has shape {tuple(found[name])} in {what}, {tuple(shape)} in {reference}: {hint}"
+            )
+    for name, shape in found.items():
+        if name not in expected:
+            raise ValueError(f"{what} has a tensor '{name}' (shape {tuple(shape)}) that {reference} lacks: {hint}")
