@@ -1,9 +1,13 @@
 """BatchNorm helpers: statistics frozen for a second forward pass, and statistics re-estimated on data.
 
-- :func:`frozen_bn_stats`: BatchNorm layers normalise with batch statistics but
+- :func:`frozen_bn_stats`: normalisation layers normalise with batch statistics but
   leave their running statistics alone (the second pass of SAM-like optimisers).
 - :func:`recalibrate_bn`: reset and re-estimate the running statistics of every
-  BatchNorm layer on some batches (the ``torch.optim.swa_utils.update_bn`` idea).
+  normalisation layer on some batches (the ``torch.optim.swa_utils.update_bn`` idea).
+
+Both act on every layer with running statistics: the ``BatchNorm`` flavours
+(``_BatchNorm``: 1d/2d/3d, lazy, ``SyncBatchNorm``) and ``InstanceNorm``
+layers built with ``track_running_stats=True``.
 - :class:`BNRecalibration`: :func:`recalibrate_bn` as an Ignite handler, e.g. for
   an EMA model before each evaluation.
 """
@@ -17,17 +21,21 @@ from typing import Any, TypeAlias
 
 import torch
 from ignite.engine import CallableEventWithFilter, Engine, Events, EventsList
+from ignite.utils import convert_tensor
 from torch import Tensor, nn
-from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
+from torch.nn.modules.instancenorm import _InstanceNorm
 from torch.nn.modules.lazy import LazyModuleMixin
 from torch.utils.hooks import RemovableHandle
 
-__all__ = ["BNRecalibration", "InputKey", "frozen_bn_stats", "recalibrate_bn"]
+__all__ = ["BNRecalibration", "ForwardFn", "InputKey", "frozen_bn_stats", "recalibrate_bn"]
 
 #: Where the model input is in a batch: ``None`` (the batch itself if it is a
 #: tensor, its first element if it is a tuple or list), an index into a tuple or
-#: list, a key of a dict, or a function ``batch -> input``.
+#: list, a key of a dict (or a field of a named tuple), or a function ``batch -> input``.
 InputKey: TypeAlias = int | str | Callable[[Any], Any] | None
+#: How to run the model on a batch, for models that take more than one input: ``forward_fn(model, batch)``.
+ForwardFn: TypeAlias = Callable[[nn.Module, Any], Any]
 
 
 # --------------------------------------------------------------------------- frozen statistics
@@ -44,18 +52,21 @@ def frozen_bn_stats(model: nn.Module) -> Iterator[None]:
 
     Inside the block every :class:`~torch.nn.modules.batchnorm._BatchNorm`
     of ``model`` (``BatchNorm1d/2d/3d``, their lazy variants, ``SyncBatchNorm``;
-    any ``momentum``, including ``None``) in train mode computes the same
-    output and gradients as in plain train mode, while its three buffers stay
-    bit-identical; affine weights still receive gradients. Layers in eval mode
+    any ``momentum``, including ``None``) and every ``InstanceNorm`` with
+    ``track_running_stats=True`` in train mode computes the same output and
+    gradients as in plain train mode, while its buffers stay bit-identical;
+    affine weights still receive gradients. Layers in eval mode
     behave as usual (they never update their statistics). Layers switched to
     train mode inside the block are frozen too. On exit, also by exception,
     every attribute touched is restored; blocks nest.
 
-    It works by setting each layer's ``track_running_stats`` to ``False`` for
+    For BatchNorm it sets each layer's ``track_running_stats`` to ``False`` for
     the duration of the block: in train mode torch then uses batch statistics,
     does not increment ``num_batches_tracked`` and passes no running buffers to
     ``F.batch_norm`` (so nothing can write them); eval mode ignores the flag.
     Under ``torch.compile`` each state of the flag is compiled once.
+    InstanceNorm layers get forward hooks that put their statistics back after
+    each forward in train mode.
 
     Args:
         model: the model whose BatchNorm layers are frozen (any module).
@@ -80,6 +91,7 @@ def frozen_bn_stats(model: nn.Module) -> Iterator[None]:
         raise TypeError(f"frozen_bn_stats expects a torch.nn.Module; found {type(model).__name__}")
     saved: list[tuple[_BatchNorm, bool]] = []
     hooks: list[RemovableHandle] = []
+    kept: dict[_InstanceNorm, list[Tensor]] = {}
 
     def freeze(layer: _BatchNorm) -> None:
         saved.append((layer, layer.track_running_stats))
@@ -89,10 +101,24 @@ def frozen_bn_stats(model: nn.Module) -> Iterator[None]:
         if isinstance(layer, _BatchNorm) and layer.track_running_stats:
             freeze(layer)
 
+    # InstanceNorm updates its running statistics in train mode whatever track_running_stats says (and in eval
+    # mode the flag would change its output), so its statistics are kept aside around each training forward.
+    def keep(layer: nn.Module, args: Any) -> None:
+        if isinstance(layer, _InstanceNorm) and layer.training and layer.track_running_stats:
+            kept[layer] = [t.clone() for t in _running_stats(layer)]
+
+    def put_back(layer: nn.Module, args: Any, output: Any) -> None:
+        if isinstance(layer, _InstanceNorm) and layer in kept:
+            with torch.no_grad():
+                torch._foreach_copy_(_running_stats(layer), kept.pop(layer))
+
     for layer in model.modules():
-        if not isinstance(layer, _BatchNorm):
+        if isinstance(layer, _InstanceNorm):
+            hooks.append(layer.register_forward_pre_hook(keep))
+            hooks.append(layer.register_forward_hook(put_back))
+        elif not isinstance(layer, _BatchNorm):
             continue
-        if isinstance(layer, LazyModuleMixin) and layer.has_uninitialized_params():
+        elif isinstance(layer, LazyModuleMixin) and layer.has_uninitialized_params():
             # A lazy layer materialises its running buffers at its first forward only if
             # track_running_stats is on then. Its initialisation hook was registered at
             # construction, so a hook registered now runs after it: freeze the layer there.
@@ -119,8 +145,9 @@ def recalibrate_bn(
     *,
     input_key: InputKey = None,
     device: str | torch.device | None = None,
+    forward_fn: ForwardFn | None = None,
 ) -> int:
-    """Reset the running statistics of every BatchNorm layer and re-estimate them on ``data``.
+    """Reset the running statistics of every normalisation layer and re-estimate them on ``data``.
 
     The idea of :func:`torch.optim.swa_utils.update_bn`: after averaging
     weights (SWA, EMA) the running statistics belong to other weights, so they
@@ -149,17 +176,21 @@ def recalibrate_bn(
         input_key: where the model input is in a batch: ``None`` (default) for
             the batch itself if it is a tensor and its first element if it is a
             tuple or list; an ``int`` index into a tuple or list; a key of a
-            dict (required for dict batches); or a function ``batch -> input``.
-            The input may be a tensor or a tuple/list/dict of tensors; the
-            model is called as ``model(input)``.
+            dict (required for dict batches) or a field of a named tuple; or a
+            function ``batch -> input``. The input may be a tensor or a
+            tuple/list/dict of tensors; the model is called as ``model(input)``.
         device: move inputs to this device; by default the device of the
             model's first parameter or buffer.
+        forward_fn: instead of ``input_key`` and ``device``, how to run the
+            model on a batch, ``forward_fn(model, batch)``: for models that
+            take several inputs (``model(x, mask)``). It moves what it needs.
 
     Returns:
         The number of batches used.
 
     Raises:
-        ValueError: ``data`` yielded no batches, or a batch lacks ``input_key``.
+        ValueError: ``data`` yielded no batches, a batch lacks ``input_key``,
+            or ``forward_fn`` came with ``input_key`` or ``device``.
         TypeError: a batch is of a kind ``input_key`` cannot select from.
 
     Example:
@@ -177,7 +208,8 @@ def recalibrate_bn(
     """
     _check_num_batches(num_batches)
     _check_input_key(input_key)
-    layers = [m for m in model.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
+    _check_forward_fn(forward_fn, input_key, device)
+    layers = [m for m in model.modules() if isinstance(m, _NormBase) and m.track_running_stats]
     if not layers:
         return 0
     if device is None:
@@ -193,13 +225,18 @@ def recalibrate_bn(
         with torch.no_grad():
             for layer in initialised:
                 layer.reset_running_stats()
-            for layer in layers:
-                layer.momentum = None  # cumulative average over the batches of this pass
             model.train()
             for layer in layers:  # even where a custom train() keeps some BatchNorm in eval mode
                 layer.train()
             for batch in itertools.islice(data, num_batches):
-                model(_to_device(_select_input(batch, input_key, used), device))
+                # A momentum of 1/k at the k-th batch makes the statistics the plain average over the batches
+                # (BatchNorm's momentum=None does the same through num_batches_tracked; InstanceNorm has no such mode).
+                for layer in layers:
+                    layer.momentum = 1.0 / (used + 1)
+                if forward_fn is not None:
+                    forward_fn(model, batch)
+                else:
+                    model(convert_tensor(_select_input(batch, input_key, used), device=device))
                 used += 1
         if used == 0:
             raise ValueError(
@@ -221,7 +258,7 @@ def recalibrate_bn(
     return used
 
 
-def _running_stats(layer: _BatchNorm) -> list[Tensor]:
+def _running_stats(layer: _NormBase) -> list[Tensor]:
     return [t for t in (layer.running_mean, layer.running_var, layer.num_batches_tracked) if t is not None]
 
 
@@ -233,21 +270,6 @@ def _model_device(model: nn.Module) -> torch.device | None:
     for tensor in itertools.chain(model.parameters(), model.buffers()):
         return tensor.device
     return None
-
-
-def _to_device(value: Any, device: str | torch.device | None) -> Any:
-    """Move the tensors in ``value`` (a tensor, or tuples/lists/dicts of them) to ``device``."""
-    if device is None:
-        return value
-    if isinstance(value, Tensor):
-        return value.to(device)
-    if isinstance(value, Mapping):
-        return {key: _to_device(item, device) for key, item in value.items()}
-    if isinstance(value, tuple) and hasattr(value, "_fields"):  # a named tuple
-        return type(value)(*(_to_device(item, device) for item in value))
-    if isinstance(value, (tuple, list)):
-        return type(value)(_to_device(item, device) for item in value)
-    return value
 
 
 def _select_input(batch: Any, input_key: InputKey, position: int) -> Any:
@@ -268,6 +290,12 @@ def _select_input(batch: Any, input_key: InputKey, position: int) -> Any:
         if input_key not in batch:
             raise ValueError(f"input_key={input_key!r} is not a key of {where}, whose keys are {list(batch)}")
         return batch[input_key]
+    if isinstance(batch, tuple) and hasattr(batch, "_fields") and isinstance(input_key, str):
+        if input_key not in batch._fields:
+            raise ValueError(
+                f"input_key={input_key!r} is not a field of {where}, whose fields are {list(batch._fields)}"
+            )
+        return getattr(batch, input_key)
     if isinstance(batch, (tuple, list)):
         index = 0 if input_key is None else input_key
         if not isinstance(index, int):
@@ -293,6 +321,18 @@ def _check_num_batches(num_batches: object) -> None:
         raise TypeError(f"num_batches must be an int or None; found {type(num_batches).__name__} {num_batches!r}")
     if num_batches < 1:
         raise ValueError(f"num_batches must be at least 1 (or None for all batches); found {num_batches}")
+
+
+def _check_forward_fn(forward_fn: object, input_key: object, device: object) -> None:
+    if forward_fn is None:
+        return
+    if not callable(forward_fn):
+        raise TypeError(f"forward_fn must be a function (model, batch) -> output; found {type(forward_fn).__name__}")
+    if input_key is not None or device is not None:
+        raise ValueError(
+            "forward_fn(model, batch) receives the whole batch and moves what it needs: pass input_key and device "
+            f"only without it; found input_key={input_key!r}, device={device!r}"
+        )
 
 
 def _check_input_key(input_key: object) -> None:
@@ -327,6 +367,8 @@ class BNRecalibration:
     Keyword Args:
         input_key: where the model input is in a batch; see :func:`recalibrate_bn`.
         device: device for the inputs; the model's by default.
+        forward_fn: ``forward_fn(model, batch)`` instead of ``input_key`` and
+            ``device``; see :func:`recalibrate_bn`.
 
     Example:
 
@@ -355,6 +397,7 @@ class BNRecalibration:
         *,
         input_key: InputKey = None,
         device: str | torch.device | None = None,
+        forward_fn: ForwardFn | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"BNRecalibration expects a torch.nn.Module; found {type(model).__name__}")
@@ -365,11 +408,13 @@ class BNRecalibration:
             )
         _check_num_batches(num_batches)
         _check_input_key(input_key)
+        _check_forward_fn(forward_fn, input_key, device)
         self.model = model
         self.data = data
         self.num_batches = num_batches
         self.input_key = input_key
         self.device = device
+        self.forward_fn = forward_fn
 
     def attach(
         self,
@@ -383,4 +428,11 @@ class BNRecalibration:
 
     def __call__(self, engine: Engine | None = None) -> int:
         """Recalibrate now; returns the number of batches used."""
-        return recalibrate_bn(self.model, self.data, self.num_batches, input_key=self.input_key, device=self.device)
+        return recalibrate_bn(
+            self.model,
+            self.data,
+            self.num_batches,
+            input_key=self.input_key,
+            device=self.device,
+            forward_fn=self.forward_fn,
+        )

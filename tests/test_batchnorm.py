@@ -458,6 +458,85 @@ def test_recalibrate_rejects_bad_arguments_before_touching_anything(
     assert_same_buffers(model, before)
 
 
+# --------------------------------------------------------------------------- InstanceNorm, several inputs, named tuples
+
+
+def instance_stats(x: Tensor) -> tuple[Tensor, Tensor]:
+    """What InstanceNorm with running statistics takes from one batch (N, C, ...): per channel, the mean over the
+    batch of each instance's mean and unbiased variance."""
+    per_instance = x.reshape(x.shape[0], x.shape[1], -1)
+    n = per_instance.shape[2]
+    mean = per_instance.sum(dim=2) / n
+    var = ((per_instance - mean[..., None]) ** 2).sum(dim=2) / (n - 1)
+    return mean.mean(dim=0), var.mean(dim=0)
+
+
+def test_frozen_leaves_instance_norm_statistics_alone_in_train_mode_and_its_eval_output_as_it_was() -> None:
+    torch.manual_seed(0)
+    norm = nn.InstanceNorm2d(2, track_running_stats=True, affine=True).double()
+    norm(conv_inputs(1)[0])  # statistics worth keeping
+    stats = [norm.running_mean.clone(), norm.running_var.clone()]
+    x = conv_inputs(2)[1]
+    reference, eval_reference = deepcopy(norm), deepcopy(norm).eval()
+    with frozen_bn_stats(norm):
+        out = norm(x)
+        norm.eval()
+        eval_out = norm(x)
+        norm.train()
+    torch.testing.assert_close(out, reference(x), rtol=0, atol=0)  # the train-mode output is unchanged
+    torch.testing.assert_close(eval_out, eval_reference(x), rtol=0, atol=0)  # eval mode still uses the statistics
+    assert torch.equal(norm.running_mean, stats[0]) and torch.equal(norm.running_var, stats[1])
+    norm(x)  # outside the block they move again
+    assert not torch.equal(norm.running_mean, stats[0])
+
+
+def test_recalibrate_re_estimates_instance_norm_statistics_as_the_average_over_batches() -> None:
+    norm = nn.Sequential(nn.InstanceNorm2d(2, track_running_stats=True, momentum=0.25)).double().eval()
+    inputs = conv_inputs(3)
+    assert recalibrate_bn(norm, inputs) == 3
+    stats = [instance_stats(x) for x in inputs]
+    torch.testing.assert_close(norm[0].running_mean, sum(m for m, _ in stats) / 3)
+    torch.testing.assert_close(norm[0].running_var, sum(v for _, v in stats) / 3)
+    assert norm[0].momentum == 0.25
+
+
+class TwoInputs(nn.Module):
+    """A model called as ``model(x, scale)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm2d(2).double()
+
+    def forward(self, x: Tensor, scale: float) -> Tensor:
+        return self.bn(x * scale)
+
+
+def test_recalibrate_runs_a_model_of_several_inputs_through_forward_fn() -> None:
+    model = TwoInputs().eval()
+    inputs = conv_inputs(3)
+    batches = [{"x": x, "scale": 2.0} for x in inputs]
+    assert recalibrate_bn(model, batches, forward_fn=lambda m, b: m(b["x"], b["scale"])) == 3
+    mean, var = cumulative_stats([2.0 * x for x in inputs])
+    torch.testing.assert_close(model.bn.running_mean, mean)
+    torch.testing.assert_close(model.bn.running_var, var)
+    with pytest.raises(ValueError, match=r"forward_fn.* receives the whole batch.*found input_key='x'"):
+        recalibrate_bn(model, batches, input_key="x", forward_fn=lambda m, b: m(b["x"], 1.0))
+    with pytest.raises(TypeError, match="forward_fn must be a function"):
+        BNRecalibration(model, batches, forward_fn="forward")  # type: ignore[arg-type]
+
+
+def test_recalibrate_selects_a_named_tuple_field_by_name() -> None:
+    from collections import namedtuple
+
+    Batch = namedtuple("Batch", ["label", "image"])
+    model = conv_model()
+    inputs = conv_inputs(3)
+    assert recalibrate_bn(model, [Batch(0, x) for x in inputs], input_key="image") == 3
+    check_conv_model_stats(model, expected_conv_model_stats(model, inputs), num_batches=3)
+    with pytest.raises(ValueError, match=r"input_key='img' is not a field of batch 0, whose fields are \['label'"):
+        recalibrate_bn(model, [Batch(0, inputs[0])], input_key="img")
+
+
 # --------------------------------------------------------------------------- BNRecalibration
 
 

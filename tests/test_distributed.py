@@ -45,11 +45,16 @@ def _record(engine: Engine, history: list[dict[str, torch.Tensor]], handler: EMA
 
 
 def _train(
-    rank: int, handle_buffers: str, sync_buffers: str | None, *, poison_rank: int | None = None
+    rank: int,
+    handle_buffers: str,
+    sync_buffers: str | None,
+    *,
+    poison_rank: int | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> tuple[Engine, EMAHandler, nn.Module, torch.optim.Optimizer]:
     """A DDP student (and, in "ema_train", a teacher that runs on each rank's own batches)."""
     torch.manual_seed(0)
-    student = BNNet()
+    student = BNNet().to(dtype)
     model = idist.auto_model(student)  # DistributedDataParallel over gloo
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     handler = EMAHandler(
@@ -61,7 +66,7 @@ def _train(
     )
 
     def step(engine: Engine, batch: object) -> None:
-        x, y = _batch(rank, engine.state.iteration)
+        x, y = (t.to(dtype) for t in _batch(rank, engine.state.iteration))
         out = model(x)
         loss = nn.functional.mse_loss(out, y)
         if handle_buffers == "ema_train":
@@ -113,18 +118,20 @@ def _ddp_worker(workdir: Path) -> dict[str, Any]:
 
 
 SYNC_CONFIGS = {
-    "ema_train-nosync": ("ema_train", None),
-    "ema_train-sync": ("ema_train", "update"),
-    "update-sync": ("update", "update"),
-    "copy-sync": ("copy", "update"),
+    "ema_train-nosync": ("ema_train", None, torch.float32),
+    "ema_train-sync": ("ema_train", "update", torch.float32),
+    "update-sync": ("update", "update", torch.float32),
+    "copy-sync": ("copy", "update", torch.float32),
+    # float32 shadows behind a bf16 EMA model: the ranks' average must reach the EMA model, not only the shadows
+    "update-sync-bf16": ("update", "update", torch.bfloat16),
 }
 
 
 def _sync_worker() -> dict[str, Any]:
     rank = idist.get_rank()
     results: dict[str, Any] = {}
-    for name, (mode, sync) in SYNC_CONFIGS.items():
-        trainer, handler, _, _ = _train(rank, mode, sync)
+    for name, (mode, sync, dtype) in SYNC_CONFIGS.items():
+        trainer, handler, _, _ = _train(rank, mode, sync, dtype=dtype)
         history: list[dict[str, torch.Tensor]] = []
         trainer.add_event_handler(Events.ITERATION_COMPLETED, _record, history, handler)
         trainer.run(range(ITERATIONS), max_epochs=1)
@@ -211,7 +218,7 @@ def test_sync_buffers_makes_the_ranks_statistics_identical() -> None:
     assert torch.equal(nosync0["model.conv.weight"], nosync1["model.conv.weight"])
 
     # With it, every EMA tensor is bit-identical across ranks after every update, in every buffer mode.
-    for config in ("ema_train-sync", "update-sync", "copy-sync"):
+    for config in ("ema_train-sync", "update-sync", "copy-sync", "update-sync-bf16"):
         for iteration, (seen0, seen1) in enumerate(
             zip(ranks[0][config]["history"], ranks[1][config]["history"], strict=True), start=1
         ):

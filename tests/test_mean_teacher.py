@@ -34,9 +34,10 @@ def _batches(n: int, labelled_rows: int = 3) -> list[tuple[Tensor, Tensor, Tenso
 
 
 def test_ramp_is_the_sigmoid_schedule() -> None:
-    for step, length in [(0, 10), (3, 10), (10, 10), (25, 10), (7, 0)]:
-        t = min(step, length) / length if length else 1.0
-        assert sigmoid_rampup(step, length) == pytest.approx(math.exp(-5 * (1 - t) ** 2))
+    # exp(-5 (1 - t)^2): t = 0 gives e^-5, t = 0.3 gives e^-2.45; clipped at t = 1; a length of 0 means no ramp
+    cases = {(0, 10): 0.006737946999085467, (3, 10): 0.0862935864993705, (10, 10): 1.0, (25, 10): 1.0, (7, 0): 1.0}
+    for (step, length), expected in cases.items():
+        assert sigmoid_rampup(step, length) == pytest.approx(expected, rel=1e-12)
 
 
 @pytest.mark.parametrize("mode", ["copy", "update", "ema_train"])

@@ -1,0 +1,353 @@
+"""ModelEMA from a plain loop: averages, modes, the swap, a caller-built EMA model, changes it cannot follow, state.
+
+Expected values come from plain loops over the student's weights written here.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from ignite_ema import ModelEMA, recalibrate_bn
+from tests.helpers import BNNet, image_batches, linear, no_warnings
+
+
+def _sgd_steps(model: nn.Module, ema: ModelEMA, momentum: float, steps: int, *, teacher: bool = False) -> None:
+    """A small training loop: an SGD step on the student, the teacher's forward (when asked), an EMA update."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    for x in image_batches(steps, seed=3):
+        loss = model(x).square().mean()
+        if teacher:
+            with torch.no_grad():
+                ema.ema_model(x)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        ema.update(momentum)
+
+
+# ----------------------------------------------------------------------------- a plain loop
+
+
+def test_update_follows_a_plain_loop_and_copy_student_restarts_it() -> None:
+    model = linear(0.0)
+    ema = ModelEMA(model)
+    expected = 0.0
+    for value, momentum in [(1.0, 0.5), (3.0, 0.25), (-2.0, 0.1)]:
+        nn.init.constant_(model.weight, value)
+        ema.update(momentum)
+        expected = (1 - momentum) * expected + momentum * value
+    torch.testing.assert_close(ema.ema_model.weight, torch.full((1, 2), expected))
+    nn.init.constant_(model.weight, 7.0)
+    ema.copy_student()
+    assert torch.equal(ema.ema_model.weight, torch.full((1, 2), 7.0))
+
+
+def test_ema_train_leaves_buffers_to_the_teachers_own_forwards() -> None:
+    model = BNNet()
+    ema = ModelEMA(model, handle_buffers="ema_train")
+    assert ema.ema_model.training and not model.bn.num_batches_tracked
+    _sgd_steps(model, ema, 0.5, 3, teacher=True)
+    assert ema.ema_model.bn.num_batches_tracked.item() == 3  # its own three forwards, not the student's
+    assert not torch.equal(ema.ema_model.bn.running_mean, model.bn.running_mean)
+
+
+def test_a_momentum_outside_0_1_changes_nothing() -> None:
+    ema = ModelEMA(linear(2.0))
+    with pytest.raises(ValueError, match=r"momentum must lie in \[0, 1\] \(the weight of the student\); found 1.5"):
+        ema.update(1.5)
+    assert torch.equal(ema.ema_model.weight, torch.full((1, 2), 2.0))
+
+
+# ----------------------------------------------------------------------------- swap
+
+
+def _bn_pair() -> tuple[BNNet, ModelEMA]:
+    """A student a few SGD steps away from its "update"-mode EMA, so that every tensor of the two differs."""
+    torch.manual_seed(0)
+    model = BNNet()
+    ema = ModelEMA(model, handle_buffers="update")
+    _sgd_steps(model, ema, 0.3, 4)
+    return model, ema
+
+
+def test_swap_puts_the_ema_into_the_student_in_place_and_restores_it_bit_for_bit() -> None:
+    model, ema = _bn_pair()
+    x = image_batches(1, seed=9)[0]
+    model.eval()
+    own = {k: v.clone() for k, v in model.state_dict().items()}
+    ema_values = {k: v.clone() for k, v in ema.ema_model.state_dict().items()}
+    expected = ema.ema_model(x)
+    objects = {name: (t, t.data_ptr()) for name, t in [*model.named_parameters(), *model.named_buffers()]}
+    with ema.swapped():
+        torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
+        for name, value in ema_values.items():
+            assert torch.equal(model.state_dict()[name], value), name
+        for name, (tensor, pointer) in objects.items():  # the same tensor objects, the same storage
+            current = dict([*model.named_parameters(), *model.named_buffers()])[name]
+            assert current is tensor and current.data_ptr() == pointer, name
+    for name, value in own.items():
+        assert torch.equal(model.state_dict()[name], value), name
+    for name, value in ema_values.items():
+        assert torch.equal(ema.ema_model.state_dict()[name], value), name
+
+
+def test_the_student_is_restored_when_the_block_raises() -> None:
+    model, ema = _bn_pair()
+    own = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(KeyError, match="boom"), ema.swapped():
+        raise KeyError("boom")
+    for name, value in own.items():
+        assert torch.equal(model.state_dict()[name], value), name
+    assert not ema.is_swapped
+
+
+def test_inside_a_swap_updates_state_calls_and_a_second_swap_are_refused_and_change_nothing() -> None:
+    model, ema = _bn_pair()
+    with ema.swapped():
+        inside = {k: v.clone() for k, v in model.state_dict().items()}
+        for call in (lambda: ema.update(0.5), ema.copy_student, ema.state_dict, ema.swapped().__enter__):
+            with pytest.raises(RuntimeError, match="while the EMA is swapped into the student"):
+                call()
+        for name, value in inside.items():
+            assert torch.equal(model.state_dict()[name], value), name
+
+
+def test_a_swap_before_any_update_is_allowed_and_silent() -> None:
+    model = BNNet()
+    ema = ModelEMA(model)
+    own = {k: v.clone() for k, v in model.state_dict().items()}
+    with no_warnings(), ema.swapped():
+        for name, value in own.items():
+            assert torch.equal(model.state_dict()[name], value), name
+
+
+def test_the_optimiser_and_a_compiled_student_keep_working_across_a_swap() -> None:
+    model, ema = _bn_pair()
+    model.eval()
+    compiled = torch.compile(model)
+    x = image_batches(1, seed=4)[0]
+    before, expected = compiled(x), ema.ema_model(x)  # inside the swap, ema_model holds the student's values
+    with ema.swapped():
+        torch.testing.assert_close(compiled(x), expected, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(compiled(x), before, rtol=0, atol=0)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)  # built on the same parameter objects
+    model(x).sum().backward()
+    weight = model.head.weight.detach().clone()
+    optimizer.step()
+    assert model.head.weight.grad is not None
+    assert torch.equal(model.head.weight, weight.add(model.head.weight.grad, alpha=-0.1))  # SGD's own arithmetic
+
+
+def test_a_float32_ema_of_a_bf16_student_swaps_in_rounded_and_restores_the_student_exactly() -> None:
+    model = linear(0.0, torch.bfloat16)
+    ema = ModelEMA(model, ema_model=linear(0.0, torch.float32))
+    nn.init.constant_(model.weight, 1.0)
+    for _ in range(5):
+        ema.update(0.001)  # 1 - 0.999 ** 5: below bf16's resolution near 0.005, kept by the float32 EMA model
+    average = ema.ema_model.weight.detach().clone()
+    torch.testing.assert_close(average, torch.full((1, 2), 1 - 0.999**5), rtol=1e-6, atol=0)
+    with ema.swapped():
+        assert torch.equal(model.weight, average.to(torch.bfloat16))
+    assert torch.equal(model.weight, torch.full((1, 2), 1.0, dtype=torch.bfloat16))
+    assert torch.equal(ema.ema_model.weight, average)
+
+
+# ----------------------------------------------------------------------------- a caller-built EMA model
+
+
+@pytest.mark.parametrize("mode", ["copy", "update", "ema_train"])
+def test_a_caller_built_ema_model_gives_the_deep_copys_ema_bit_for_bit(mode: str) -> None:
+    torch.manual_seed(0)
+    model_a = BNNet()
+    model_b = copy.deepcopy(model_a)
+    torch.manual_seed(1)
+    mine = BNNet()  # other initial values: they must be overwritten by the student's
+    by_copy, by_caller = ModelEMA(model_a, mode), ModelEMA(model_b, mode, ema_model=mine)
+    assert by_caller.ema_model is mine and not any(p.requires_grad for p in mine.parameters())
+    assert mine.training == (mode == "ema_train")
+    _sgd_steps(model_a, by_copy, 0.3, 4, teacher=mode == "ema_train")
+    _sgd_steps(model_b, by_caller, 0.3, 4, teacher=mode == "ema_train")
+    for name, tensor in by_copy.ema_model.state_dict().items():
+        assert torch.equal(mine.state_dict()[name], tensor), name
+
+
+class _Wider(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.bn = nn.BatchNorm2d(4)
+        self.head = nn.Linear(4, 2)
+        self.extra = nn.Linear(2, 2)
+
+
+def _sharing() -> nn.Module:
+    other = BNNet()
+    other.head.weight = _STUDENT.head.weight
+    return other
+
+
+_STUDENT = BNNet()
+
+
+@pytest.mark.parametrize(
+    ("build", "message"),
+    [
+        (lambda: _STUDENT, "ema_model is the student itself"),
+        (lambda: nn.DataParallel(_STUDENT), "ema_model is the student itself"),
+        (_sharing, "ema_model's tensor 'head.weight' shares storage with the student's 'head.weight'"),
+        (_Wider, r"ema_model has a tensor 'extra.weight' \(shape \(2, 2\)\) that the student lacks"),
+        (lambda: nn.Linear(4, 2), r"ema_model has no tensor 'conv.weight' \(shape \(4, 3, 3, 3\)\), which the student"),
+        (lambda: BNNet().half(), "ema_model's tensor 'conv.weight' is torch.float16, the student's is torch.float32"),
+    ],
+)
+def test_an_ema_model_that_does_not_fit_is_refused_naming_the_first_difference(build, message: str) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(ValueError, match=message):
+        ModelEMA(_STUDENT, ema_model=build())
+
+
+def test_an_ema_model_of_another_shape_or_integer_dtype_is_refused() -> None:
+    other = BNNet()
+    other.head = nn.Linear(4, 3)
+    with pytest.raises(
+        ValueError, match=r"tensor 'head.weight' has shape \(3, 4\) in ema_model, \(2, 4\) in the student"
+    ):
+        ModelEMA(BNNet(), ema_model=other)
+    other = BNNet()
+    other.bn.num_batches_tracked = other.bn.num_batches_tracked.int()
+    with pytest.raises(ValueError, match=r"'bn.num_batches_tracked' is torch.int32, the student's is torch.int64"):
+        ModelEMA(BNNet(), ema_model=other)
+    with pytest.raises(ValueError, match="give device= or ema_model=, not both"):
+        ModelEMA(BNNet(), ema_model=BNNet(), device="cpu")
+
+
+# ----------------------------------------------------------------------------- what the EMA cannot follow
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda m: m.double(), "the student's tensor 'conv.weight' is torch.float64 now, torch.float32 when the EMA"),
+        (lambda m: setattr(m, "head", nn.Linear(4, 3)), r"tensor 'head.weight' has shape \(3, 4\) in the student"),
+    ],
+)
+def test_a_student_changed_in_a_way_the_ema_cannot_follow_is_named(change, message: str) -> None:  # type: ignore[no-untyped-def]
+    model = BNNet()
+    ema = ModelEMA(model)
+    change(model)
+    with pytest.raises(ValueError, match=message):
+        ema.rebind()
+
+
+def test_uninitialised_lazy_modules_are_refused_before_any_copy() -> None:
+    model = nn.Sequential(nn.LazyLinear(3), nn.ReLU())
+    with pytest.raises(ValueError, match=r"lazy module that is not initialised yet \('0', LazyLinear\)"):
+        ModelEMA(model)
+    model(torch.zeros(2, 5))  # initialised now
+    assert ModelEMA(model).ema_model[0].weight.shape == (3, 5)
+
+
+@pytest.mark.filterwarnings("ignore:Complex modules are a new feature")
+def test_complex_parameters_get_a_complex_shadow_of_the_requested_precision() -> None:
+    model = nn.Linear(2, 2, bias=False).to(torch.complex64)
+    nn.init.zeros_(model.weight)
+    ema = ModelEMA(model, shadow_dtype=torch.float64)
+    assert ema.state_dict()["tensors"]["weight"].dtype == torch.complex128
+    with torch.no_grad():
+        model.weight.fill_(1 + 2j)
+    ema.update(0.5)
+    assert torch.equal(ema.ema_model.weight, torch.full((2, 2), 0.5 + 1j, dtype=torch.complex64))
+
+
+# ----------------------------------------------------------------------------- the EMA model and its shadow
+
+
+def _bf16_ema(mode: str = "copy") -> tuple[BNNet, ModelEMA]:
+    torch.manual_seed(0)
+    model = BNNet().to(torch.bfloat16)
+    ema = ModelEMA(model, handle_buffers=mode)
+    for x in image_batches(3):
+        model(x.to(torch.bfloat16))
+        with torch.no_grad():
+            for p in model.parameters():
+                p.mul_(0.9)
+        ema.update(0.01)
+    return model, ema
+
+
+def test_values_written_into_a_bf16_ema_model_are_taken_not_silently_overwritten() -> None:
+    model, ema = _bf16_ema()
+    loaded = {k: v.clone() for k, v in ema.ema_model.state_dict().items()}
+    loaded["head.bias"] = torch.tensor([3.0, -3.0], dtype=torch.bfloat16)
+    ema.ema_model.load_state_dict(loaded)  # Ignite's checkpoint pattern: to_save={"ema_model": ema.ema_model}
+    with pytest.warns(UserWarning, match=r"'head.bias' \(1 in all\) was written from outside the EMA") as record:
+        ema.update(0.5)
+        ema.update(0.5)
+    assert len(record) == 1
+    student = model.head.bias.float()
+    expected = 0.25 * torch.tensor([3.0, -3.0]) + 0.75 * student  # two updates from the loaded values
+    torch.testing.assert_close(ema.state_dict()["tensors"]["head.bias"], expected, rtol=1e-6, atol=1e-6)
+    assert record[0].filename == __file__  # the warning points at the caller, not into the package
+
+
+def test_the_same_values_loaded_again_keep_the_float32_shadow() -> None:
+    _, ema = _bf16_ema()
+    shadow = ema.state_dict()["tensors"]["conv.weight"].clone()
+    ema.ema_model.load_state_dict(ema.ema_model.state_dict())  # what a checkpoint of both handler and model does
+    with no_warnings():
+        ema.check_outside_writes()
+        ema.update(0.0)
+    assert torch.equal(ema.state_dict()["tensors"]["conv.weight"], shadow)
+
+
+def test_recalibrated_statistics_of_a_bf16_update_mode_ema_survive_the_next_update() -> None:
+    _, ema = _bf16_ema("update")
+    batches = [x.to(torch.bfloat16) for x in image_batches(2, seed=5)]
+    recalibrate_bn(ema.ema_model, batches)
+    recalibrated = ema.ema_model.bn.running_mean.clone()
+    with pytest.warns(UserWarning, match="'bn.running_mean' .* was written from outside the EMA"):
+        ema.update(0.0)  # momentum 0: the average stays where it was, which is now the recalibrated value
+    assert torch.equal(ema.ema_model.bn.running_mean, recalibrated)
+
+
+# ----------------------------------------------------------------------------- state and a plain module
+
+
+def test_state_round_trip_is_bit_identical_and_all_or_nothing() -> None:
+    _, source = _bf16_ema("update")
+    target = ModelEMA(BNNet().to(torch.bfloat16), handle_buffers="update")
+    target.load_state_dict(source.state_dict())
+    for name, tensor in source.state_dict()["tensors"].items():
+        assert torch.equal(target.state_dict()["tensors"][name], tensor), name
+    for name, tensor in source.ema_model.state_dict().items():
+        assert torch.equal(target.ema_model.state_dict()[name], tensor), name
+    state = source.state_dict()
+    bad = {**state, "tensors": {**state["tensors"], "head.bias": torch.zeros(5)}}
+    before = {k: v.clone() for k, v in target.state_dict()["tensors"].items()}
+    fresh = ModelEMA(BNNet().to(torch.bfloat16), handle_buffers="update")
+    with pytest.raises(ValueError, match=r"tensor 'head.bias' has shape \(5,\) in the saved state"):
+        fresh.load_state_dict({**bad, "tensors": {k: v + 1 for k, v in bad["tensors"].items()}})
+    del fresh
+    for name, tensor in target.state_dict()["tensors"].items():
+        assert torch.equal(tensor, before[name]), name
+
+
+def test_the_ema_model_is_a_plain_module() -> None:
+    model = BNNet()
+    ema = ModelEMA(model, handle_buffers="ema_train")
+    _sgd_steps(model, ema, 0.5, 2, teacher=True)
+    buffer = io.BytesIO()
+    torch.save(ema.ema_model, buffer)
+    torch.jit.script(ema.ema_model)
+    clone = copy.deepcopy(ema.ema_model)
+    assert not clone._forward_hooks and not clone._forward_pre_hooks
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.load's own notes on weights_only
+        buffer.seek(0)
+        loaded = torch.load(buffer, weights_only=False)
+    assert torch.equal(loaded.conv.weight, ema.ema_model.conv.weight)
