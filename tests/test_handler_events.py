@@ -143,6 +143,28 @@ def test_a_restored_handler_that_had_not_updated_yet_is_not_warned_about() -> No
         trainer.run(range(5), max_epochs=1)
 
 
+def test_a_student_converted_after_the_handler_was_built_is_an_error_at_run_start() -> None:
+    model = BNNet()
+    handler = EMAHandler(model, momentum=0.5)
+    model.double()
+    trainer = Engine(lambda e, b: None)
+    handler.attach(trainer)
+    with pytest.raises(ValueError, match="the student's tensor 'conv.weight' is torch.float64 now, torch.float32"):
+        trainer.run(range(2), max_epochs=1)
+
+
+def test_a_bf16_ema_model_restored_by_ignites_checkpoint_pattern_is_what_the_next_run_averages_from() -> None:
+    model = linear(0.0, torch.bfloat16)
+    handler = EMAHandler(model, momentum=0.5)
+    restored = linear(3.0, torch.bfloat16).state_dict()  # as Checkpoint.load_objects({"ema_model": ...}) would
+    handler.ema_model.load_state_dict(restored)
+    trainer = Engine(lambda e, b: None)
+    handler.attach(trainer)
+    with pytest.warns(UserWarning, match="'weight' .* written from outside the EMA"):
+        trainer.run(range(1), max_epochs=1)
+    assert torch.equal(handler.ema_model.weight, torch.full((1, 2), 1.5, dtype=torch.bfloat16))  # 0.5 * 3 + 0.5 * 0
+
+
 # ----------------------------------------------------------------------------- warm-ups and options
 
 
