@@ -149,7 +149,7 @@ def test_a_student_converted_after_the_handler_was_built_is_an_error_at_run_star
     model.double()
     trainer = Engine(lambda e, b: None)
     handler.attach(trainer)
-    with pytest.raises(ValueError, match="the student's tensor 'conv.weight' is torch.float64 now, torch.float32"):
+    with pytest.raises(ValueError, match=r"the student's tensor 'conv.weight' is torch.float64 now, torch.float32"):
         trainer.run(range(2), max_epochs=1)
 
 
