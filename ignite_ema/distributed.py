@@ -1,21 +1,37 @@
-"""What needs ranks: averaging tensors over them and agreeing on a flag, through ``torch.distributed``.
+"""What needs ranks, through ``torch.distributed``: averaging over them, agreeing on a flag, sharded tensors.
 
 Every function is a no-op (or the local answer) without an initialised
 process group or with one process, so single-process code can call them
 unconditionally. Each one that communicates is a collective: call it on every
-rank at the same point.
+rank at the same point. Sharded tensors are DTensors (FSDP2's parameters):
+the EMA works on each rank's local shard and needs a collective only to
+assemble whole tensors.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from torch import Tensor
+from torch import Tensor, nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor, Placement, distribute_tensor
 from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
 
-__all__ = ["RankAverage", "any_rank", "world_size"]
+__all__ = [
+    "RankAverage",
+    "ShardSpec",
+    "any_rank",
+    "fsdp_modules",
+    "is_sharded",
+    "local",
+    "reshard",
+    "sharding_mismatch",
+    "world_size",
+]
 
 
 def world_size() -> int:
@@ -75,3 +91,85 @@ class RankAverage:
             dist.all_reduce(flat, op=dist.ReduceOp.SUM)
             flat.div_(world)
             torch._foreach_copy_(members, views)
+
+
+# ----------------------------------------------------------------------------- sharded (DTensor) tensors
+
+
+def is_sharded(tensor: Tensor) -> bool:
+    """Whether ``tensor`` is a DTensor (an FSDP2 parameter, say)."""
+    return isinstance(tensor, DTensor)
+
+
+def local(tensor: Tensor) -> Tensor:
+    """The tensor this rank holds: a DTensor's local shard (a view, without autograd), else the tensor."""
+    return tensor.to_local().detach() if isinstance(tensor, DTensor) else tensor.detach()
+
+
+@dataclass(frozen=True)
+class ShardSpec:
+    """How a DTensor is laid out over its mesh: enough to rebuild it from its local shard, or cut a full tensor.
+
+    Args:
+        mesh: the device mesh.
+        placements: one placement per mesh dimension (``Shard(0)`` under FSDP2).
+        shape, stride: the global shape and stride.
+    """
+
+    mesh: DeviceMesh
+    placements: tuple[Placement, ...]
+    shape: torch.Size
+    stride: tuple[int, ...]
+
+    @classmethod
+    def of(cls, tensor: DTensor) -> ShardSpec:
+        return cls(tensor.device_mesh, tuple(tensor.placements), tensor.shape, tuple(tensor.stride()))
+
+    def dtensor(self, shard: Tensor) -> DTensor:
+        """A DTensor over ``shard`` (no copy), laid out like the original; correct for uneven shards."""
+        return DTensor.from_local(
+            shard, self.mesh, self.placements, run_check=False, shape=self.shape, stride=self.stride
+        )
+
+    def full(self, shard: Tensor) -> Tensor:
+        """The whole tensor, assembled from every rank's shard: a collective."""
+        return self.dtensor(shard).full_tensor()
+
+    def shard_of(self, full: Tensor, device: torch.device) -> Tensor:
+        """This rank's part of a whole tensor that every rank holds (no communication)."""
+        return distribute_tensor(full.to(device), self.mesh, self.placements, src_data_rank=None).to_local()
+
+    def describe(self) -> str:
+        return f"{list(self.placements)} over {self.mesh}"
+
+
+def sharding_mismatch(student: Tensor, ema: Tensor) -> str | None:
+    """What differs between how two tensors are sharded (``None`` if nothing), in words for an error."""
+    if isinstance(student, DTensor) != isinstance(ema, DTensor):
+        if isinstance(student, DTensor):
+            return f"it is sharded in the student ({ShardSpec.of(student).describe()}) and not in ema_model"
+        return f"it is sharded in ema_model ({ShardSpec.of(ema).describe()}) and not in the student"  # type: ignore[arg-type]
+    if isinstance(student, DTensor) and isinstance(ema, DTensor):
+        mine, theirs = ShardSpec.of(student), ShardSpec.of(ema)
+        if mine.mesh != theirs.mesh:
+            return f"the student's mesh is {mine.mesh}, ema_model's {theirs.mesh}"
+        if mine.placements != theirs.placements:
+            return f"the student's placements are {list(mine.placements)}, ema_model's {list(theirs.placements)}"
+    return None
+
+
+def fsdp_modules(module: nn.Module | None) -> list[FSDPModule]:
+    """The submodules of ``module`` that ``fully_shard`` made (none for an unsharded one, or ``None``)."""
+    return [] if module is None else [m for m in module.modules() if isinstance(m, FSDPModule)]
+
+
+def reshard(modules: Sequence[FSDPModule]) -> None:
+    """Drop the gathered (unsharded) parameters of FSDP2 modules, so that their next forward gathers the shards.
+
+    After a forward without backward (evaluation, a teacher) FSDP2 keeps the
+    root's parameters gathered, and a later forward would reuse them: after
+    the EMA writes into the shards, the gathered copies are stale. No
+    communication.
+    """
+    for module in modules:
+        module.reshard()

@@ -306,16 +306,18 @@ class EMAHandler(Serializable):
     # ------------------------------------------------------------------ per iteration
 
     def _on_iteration_started(self, engine: Engine) -> None:
-        self._set_ema_mode()
+        if self.ema_model is None:  # a sharded student's EMA without a module
+            return
+        self._set_ema_mode(self.ema_model)
         if self._watching_forwards() and self._probe_handle is None:
             self._probe = self._probe or _ForwardProbe(engine)
             self._probe_handle = self.ema_model.register_forward_hook(self._probe)
 
-    def _set_ema_mode(self) -> None:
+    def _set_ema_mode(self, ema_model: nn.Module) -> None:
         """Train mode in "ema_train", eval mode otherwise: an evaluator's ``eval()`` does not stick."""
         want_train = self.handle_buffers == "ema_train"
-        if self.ema_model.training != want_train:
-            self.ema_model.train(want_train)
+        if ema_model.training != want_train:
+            ema_model.train(want_train)
 
     def _watching_forwards(self) -> bool:
         """Whether a teacher warning may still be due: the EMA model has statistics and it was not given yet."""
@@ -435,16 +437,29 @@ class EMAHandler(Serializable):
 
         Tensors are references, as in ``nn.Module.state_dict``.
         """
+        return {**self._ema.state_dict(), **self._counters()}
+
+    def sharded_state_dict(self) -> dict[str, Any]:
+        """:meth:`state_dict` with a sharded student's tensors as DTensors of this rank's shards, for
+        ``torch.distributed.checkpoint`` (see :meth:`ignite_ema.ModelEMA.sharded_state_dict`)."""
+        return {**self._counters(), **self._ema.sharded_state_dict()}
+
+    def _counters(self) -> dict[str, int]:
         return {
-            **self._ema.state_dict(),
             "num_averaged": self._num_averaged,
             "last_update_iteration": self._last_update_iteration,
             "num_skipped": self._num_skipped,
             "iteration_offset": self._iteration_offset,
         }
 
+    def model_state_dict(self) -> dict[str, torch.Tensor]:
+        """The EMA's weights as a state dict of the model (whole tensors): see
+        :meth:`ignite_ema.ModelEMA.model_state_dict`."""
+        return self._ema.model_state_dict()
+
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
-        """Restore :meth:`state_dict`. Raises naming what does not fit, before anything changes."""
+        """Restore :meth:`state_dict` or :meth:`sharded_state_dict`. Raises naming what does not fit, before anything
+        changes."""
         super().load_state_dict(state_dict)  # a mapping with every key
         for key in _COUNTERS:
             value = state_dict[key]

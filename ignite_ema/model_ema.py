@@ -46,7 +46,17 @@ from ignite_ema.averaging import (
     shadow_dtype_for,
     swap_values,
 )
-from ignite_ema.distributed import RankAverage, any_rank, world_size
+from ignite_ema.distributed import (
+    RankAverage,
+    ShardSpec,
+    any_rank,
+    fsdp_modules,
+    is_sharded,
+    local,
+    reshard,
+    sharding_mismatch,
+    world_size,
+)
 
 __all__ = ["BUFFER_MODES", "ModelEMA", "named_tensors", "unwrap_model"]
 
@@ -91,9 +101,12 @@ class ModelEMA:
     Keyword Args:
         ema_model: an EMA module built by the caller, with the student's
             tensor names and shapes and the student's dtypes or wider floating
-            ones; the student's values are copied into it. A float32 EMA model
-            of a bf16 student is its own (float32) average. By default, a deep
-            copy of the student.
+            ones, sharded like the student; the student's values are copied
+            into it. A float32 EMA model of a bf16 student is its own (float32)
+            average. By default, a deep copy of the student; for a sharded
+            (FSDP2) student, which cannot be deep-copied, no module: the EMA
+            holds its tensors only, read through :meth:`swapped` or
+            :meth:`model_state_dict`.
         device: keep the deep copy on this device (the student's by default).
         shadow_dtype: dtype the floating averages are kept in; by default
             float32 for bf16/fp16 tensors and the tensor's own dtype otherwise.
@@ -101,8 +114,13 @@ class ModelEMA:
 
     Attributes:
         model: the student, unwrapped.
-        ema_model: the averaged module (``requires_grad`` off).
+        ema_model: the averaged module (``requires_grad`` off), or ``None`` for
+            a sharded student without ``ema_model=``.
         handle_buffers: the buffer mode.
+
+    For a sharded student (DTensor parameters, as ``fully_shard`` makes them)
+    every rank averages its own shards: an update is as local as the
+    unsharded one, with no collective.
     """
 
     def __init__(
@@ -132,49 +150,67 @@ class ModelEMA:
         self.model = unwrap_model(model)
         self.handle_buffers = handle_buffers
         _check_initialised(self.model, "model")
+        self._sharded_student = fsdp_modules(self.model)
+        reshard(self._sharded_student)  # its parameters are its shards again, not gathered copies
         student = named_tensors(self.model)
+        self._specs = {n: ShardSpec.of(t) for n, t in student.items() if is_sharded(t)}  # type: ignore[arg-type]
+        if self._specs and placed is not None:
+            raise ValueError("device= is not supported for a sharded student: its EMA lives beside each shard")
+        if self._specs and ema_model is None and handle_buffers == "ema_train":
+            raise ValueError(
+                "handle_buffers='ema_train' needs an EMA model that runs forward passes, and a sharded student cannot "
+                "be deep-copied: pass ema_model=fully_shard(<a second instance of the model>), sharded like the student"
+            )
+        params = {n for n, _ in self.model.named_parameters()}
+        self._averaged = [n for n, t in student.items() if _is_averaged(n in params, t, handle_buffers)]
+        own_buffers = handle_buffers == "ema_train"  # left to the EMA model's own forward passes
+        self._copied = [n for n in student if n not in self._averaged and (n in params or not own_buffers)]
 
-        if ema_model is None:
+        if ema_model is not None:
+            ema_model = unwrap_model(ema_model)
+            _check_initialised(ema_model, "ema_model")
+            reshard(fsdp_modules(ema_model))
+            _check_caller_ema_model(self.model, ema_model, student)
+        elif not self._specs:
             ema_model = deepcopy(self.model)
             if placed is not None:
                 ema_model.to(placed)
-        else:
-            ema_model = unwrap_model(ema_model)
-            _check_initialised(ema_model, "ema_model")
-            _check_caller_ema_model(self.model, ema_model, student)
-            with torch.no_grad():
-                for name, tensor in named_tensors(ema_model).items():
-                    tensor.copy_(student[name])
         self.ema_model = ema_model
-        for param in ema_model.parameters():
-            param.detach_()
-            param.requires_grad_(False)
-        ema_model.train(handle_buffers == "ema_train")
-        targets = named_tensors(ema_model)
+        self._sharded_ema = fsdp_modules(ema_model)
+        if ema_model is not None:
+            for param in ema_model.parameters():
+                param.detach_()
+                param.requires_grad_(False)
+            ema_model.train(handle_buffers == "ema_train")
+            self._targets = {n: local(t) for n, t in named_tensors(ema_model).items()}
+            with torch.no_grad():
+                for name, target in self._targets.items():
+                    if target.data_ptr() != local(student[name]).data_ptr():
+                        target.copy_(local(student[name]))  # a caller's module; a deep copy holds these already
+        else:  # shards only: averaged tensors straight in their shadow dtype, the others in the student's
+            self._targets = {
+                n: local(t).to(dtype=self._shadow_dtype(t, shadow_dtype) if n in self._averaged else t.dtype, copy=True)
+                for n, t in student.items()
+            }
 
         # An EMA built beside the student must stay there; one placed on purpose (device=) may be elsewhere.
-        self._follows_device = placed is None and all(targets[n].device == student[n].device for n in targets)
+        self._follows_device = placed is None and all(
+            self._targets[n].device == local(t).device for n, t in student.items()
+        )
         self._student_kinds = {n: (t.dtype, t.device) for n, t in student.items()}
-        self._shapes = {n: t.shape for n, t in targets.items()}
-        params = {n for n, _ in ema_model.named_parameters()}
-        self._averaged = [n for n, t in targets.items() if _is_averaged(n in params, t, handle_buffers)]
-        own_buffers = handle_buffers == "ema_train"  # left to the EMA model's own forward passes
-        self._copied = [n for n in targets if n not in self._averaged and (n in params or not own_buffers)]
-        self._targets = {n: t.detach() for n, t in targets.items()}
+        self._shapes = {n: t.shape for n, t in student.items()}  # global shapes
         shadows = [self._shadow_for(self._targets[n], shadow_dtype) for n in self._averaged]
         self._state = dict(self._targets)
         self._state.update(zip(self._averaged, shadows, strict=True))
-        self._has_statistics = any(t.is_floating_point() for n, t in targets.items() if n not in params)
+        self._has_statistics = any(t.is_floating_point() for n, t in student.items() if n not in params)
 
-        self._averager = ShadowAverager(shadows, [student[n] for n in self._averaged])
-        self._copier = TensorCopier([self._targets[n] for n in self._copied], [student[n] for n in self._copied])
-        self._finite = FiniteCheck([])
+        self._averager = ShadowAverager(shadows, [local(student[n]) for n in self._averaged])
         mirrored = [n for n, s in zip(self._averaged, shadows, strict=True) if s is not self._targets[n]]
         self._mirrored = mirrored
         self._mirror = TensorCopier([self._targets[n] for n in mirrored], [self._state[n] for n in mirrored])
         # What a rank average acts on: a floating buffer's average (its shadow, which the next update reads).
         self._buffer_average = RankAverage(
-            [self._state[n] for n, t in targets.items() if n not in params and t.is_floating_point()]
+            [self._state[n] for n, t in student.items() if n not in params and t.is_floating_point()]
         )
         self._swapped = False
         self._warned: set[str] = set()
@@ -182,11 +218,16 @@ class ModelEMA:
         self._mirror_versions = self._versions()
 
     @staticmethod
-    def _shadow_for(target: Tensor, shadow_dtype: torch.dtype | None) -> Tensor:
+    def _shadow_dtype(target: Tensor, shadow_dtype: torch.dtype | None) -> torch.dtype:
         dtype = shadow_dtype_for(target.dtype) if shadow_dtype is None else shadow_dtype
         if target.is_complex():
             dtype = torch.promote_types(target.dtype, dtype)  # a complex dtype wide enough for both
-        return target if dtype == target.dtype else target.detach().to(dtype=dtype, copy=True)
+        return dtype
+
+    @classmethod
+    def _shadow_for(cls, target: Tensor, shadow_dtype: torch.dtype | None) -> Tensor:
+        dtype = cls._shadow_dtype(target, shadow_dtype)
+        return target if dtype == target.dtype else target.to(dtype=dtype, copy=True)
 
     @property
     def has_statistics(self) -> bool:
@@ -196,10 +237,11 @@ class ModelEMA:
     # ------------------------------------------------------------------ student
 
     def _bind(self, student: Mapping[str, Tensor]) -> None:
-        self._averager.bind([student[n] for n in self._averaged])
-        self._copier = TensorCopier([self._targets[n] for n in self._copied], [student[n] for n in self._copied])
-        self._finite = FiniteCheck([student[n] for n in (*self._averaged, *self._copied)])
-        self._finite_names = [n for n in (*self._averaged, *self._copied) if _can_be_nonfinite(student[n])]
+        shards = {n: local(t) for n, t in student.items()}
+        self._averager.bind([shards[n] for n in self._averaged])
+        self._copier = TensorCopier([self._targets[n] for n in self._copied], [shards[n] for n in self._copied])
+        self._finite = FiniteCheck([shards[n] for n in (*self._averaged, *self._copied)])
+        self._finite_names = [n for n in (*self._averaged, *self._copied) if _can_be_nonfinite(shards[n])]
 
     def rebind(self) -> None:
         """Look the student's tensors up by name again, after they were replaced (``model.to(...)``, say).
@@ -210,6 +252,7 @@ class ModelEMA:
         or ``ema_model=``; or an EMA model whose tensors were replaced.
         Ignite's :class:`~ignite_ema.EMAHandler` calls this when a run starts.
         """
+        reshard(self._sharded_student)
         student = named_tensors(self.model)
         _check_same_names_and_shapes(
             self._shapes,
@@ -224,6 +267,11 @@ class ModelEMA:
                     f"the student's tensor '{name}' is {tensor.dtype} now, {dtype} when the EMA was built: the EMA "
                     "cannot follow a conversion. Convert the model before building the EMA"
                 )
+            if is_sharded(tensor) != (name in self._specs):
+                raise ValueError(
+                    f"the student's tensor '{name}' was {'sharded' if name in self._specs else 'not sharded'} when "
+                    "the EMA was built and is not now: build the EMA after fully_shard()"
+                )
             if tensor.device != device and self._follows_device:
                 raise ValueError(
                     f"the student's tensor '{name}' moved from {device} to {tensor.device} after the EMA was built, "
@@ -236,7 +284,9 @@ class ModelEMA:
     def _check_targets_in_place(self) -> None:
         """The averages are written into the EMA model's tensors as they were built; moving or converting the EMA
         model afterwards (``.to()``, ``.double()``) gives it new storage that would silently stop being updated."""
-        current = named_tensors(self.ema_model)
+        if self.ema_model is None:
+            return
+        current = {n: local(t) for n, t in named_tensors(self.ema_model).items()}
         for name, target in self._targets.items():
             now = current.get(name)
             if now is None or now.data_ptr() != target.data_ptr() or now.dtype != target.dtype:
@@ -269,8 +319,13 @@ class ModelEMA:
 
     def _after_update(self) -> None:
         self._copier.copy()
+        self._after_write()
+
+    def _after_write(self) -> None:
+        """Bring the EMA model's tensors in line with the averages: mirrors, versions, FSDP2's gathered copies."""
         self._mirror.copy()
         self._mirror_versions = self._versions()
+        reshard(self._sharded_ema)
 
     def _versions(self) -> list[int]:
         return [t._version for t in self._mirror.targets]
@@ -347,8 +402,7 @@ class ModelEMA:
         """
         self._refuse_while_swapped("average_buffers_across_ranks")
         self._buffer_average()
-        self._mirror.copy()
-        self._mirror_versions = self._versions()
+        self._after_write()
 
     # ------------------------------------------------------------------ swap
 
@@ -367,10 +421,11 @@ class ModelEMA:
         """
         self._refuse_while_swapped("swapped")
         self.rebind()
-        student = named_tensors(self.model)
+        student = {n: local(t) for n, t in named_tensors(self.model).items()}
         same = [n for n in self._targets if student[n].dtype == self._targets[n].dtype]
         wider = [n for n in self._targets if student[n].dtype != self._targets[n].dtype]
-        parked = [student[n].detach().clone() for n in wider]
+        parked = [student[n].clone() for n in wider]
+        reshard(self._sharded_ema)
         swap_values([student[n] for n in same], [self._targets[n] for n in same])
         with torch.no_grad():
             for name in wider:
@@ -379,6 +434,8 @@ class ModelEMA:
         try:
             yield
         finally:
+            # Forwards inside gathered the EMA's values; the student's next forward must gather its own.
+            reshard([*self._sharded_student, *self._sharded_ema])
             swap_values([student[n] for n in same], [self._targets[n] for n in same])
             with torch.no_grad():
                 for name, kept in zip(wider, parked, strict=True):
@@ -403,10 +460,39 @@ class ModelEMA:
     def state_dict(self) -> dict[str, Any]:
         """The mode and every tensor of the EMA, by name: averaged ones in their shadow dtype (float32 for bf16).
 
-        Tensors are references, as in ``nn.Module.state_dict``.
+        Tensors are references, as in ``nn.Module.state_dict``, except sharded
+        ones, which are assembled whole (a collective: call it on every rank,
+        as Ignite's ``Checkpoint`` does) so that any process can load them.
         """
         self._refuse_while_swapped("state_dict")
-        return {"handle_buffers": self.handle_buffers, "tensors": dict(self._state)}
+        tensors = {n: self._specs[n].full(t) if n in self._specs else t for n, t in self._state.items()}
+        return {"handle_buffers": self.handle_buffers, "tensors": tensors}
+
+    def sharded_state_dict(self) -> dict[str, Any]:
+        """:meth:`state_dict` with sharded tensors as DTensors over copies of this rank's shards: for
+        ``torch.distributed.checkpoint``, where each rank writes and reads its own shards."""
+        self._refuse_while_swapped("sharded_state_dict")
+        tensors = {
+            n: self._specs[n].dtensor(t.clone()) if n in self._specs else t.clone() for n, t in self._state.items()
+        }
+        return {"handle_buffers": self.handle_buffers, "tensors": tensors}
+
+    def model_state_dict(self) -> dict[str, Tensor]:
+        """The EMA's weights and buffers as the model's own ``state_dict()``: whole tensors in the student's dtypes.
+
+        ``unsharded_model.load_state_dict(ema.model_state_dict())`` gives a
+        plain module with the EMA weights, also from a sharded student (a
+        collective then: call it on every rank).
+        """
+        self._refuse_while_swapped("model_state_dict")
+        canonical = {id(t): n for n, t in named_tensors(self.model).items()}
+        exported = {}
+        for key, tensor in self.model.state_dict(keep_vars=True).items():
+            name = canonical[id(tensor)]  # tied weights appear under each of their names
+            value = self._state[name]
+            whole = self._specs[name].full(value) if name in self._specs else value
+            exported[key] = whole.to(dtype=self._student_kinds[name][0], copy=True)
+        return exported
 
     def check_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Raise ``TypeError`` / ``ValueError`` naming what does not fit :meth:`load_state_dict`; change nothing."""
@@ -434,16 +520,27 @@ class ModelEMA:
                 raise ValueError(
                     f"saved tensor '{name}' is {tensor.dtype}, the EMA keeps it as {self._state[name].dtype}"
                 )
+            if is_sharded(tensor) and (name not in self._specs or ShardSpec.of(tensor) != self._specs[name]):
+                raise ValueError(
+                    f"saved tensor '{name}' is sharded otherwise than this EMA keeps it; load whole tensors "
+                    "(state_dict()) or a sharded state of the same layout"
+                )
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
-        """Restore :meth:`state_dict`, all or nothing: a state that does not fit raises before anything changes."""
+        """Restore :meth:`state_dict` or :meth:`sharded_state_dict`, all or nothing: a state that does not fit raises
+        before anything changes. Whole tensors of a sharded EMA are cut to each rank's shard, with no collective."""
         self._refuse_while_swapped("load_state_dict")
         self.check_state_dict(state_dict)
         with torch.no_grad():
             for name, tensor in state_dict["tensors"].items():
-                self._state[name].copy_(tensor)
-        self._mirror.copy()
-        self._mirror_versions = self._versions()
+                target = self._state[name]
+                if is_sharded(tensor):
+                    target.copy_(local(tensor))
+                elif name in self._specs:
+                    target.copy_(self._specs[name].shard_of(tensor, target.device))
+                else:
+                    target.copy_(tensor)
+        self._after_write()
 
 
 def _is_averaged(is_param: bool, tensor: Tensor, mode: str) -> bool:
@@ -480,19 +577,26 @@ def _check_caller_ema_model(student_module: nn.Module, ema_model: nn.Module, stu
         hint="ema_model must be built like the student (wrappers are unwrapped on both)",
         reference="the student",
     )
-    storages = {t.untyped_storage().data_ptr(): n for n, t in student.items() if t.numel() > 0}
+    storages = {local(t).untyped_storage().data_ptr(): n for n, t in student.items() if t.numel() > 0}
     for name, tensor in ema.items():
-        if tensor.numel() > 0 and tensor.untyped_storage().data_ptr() in storages:
+        pointer = local(tensor).untyped_storage().data_ptr()
+        if tensor.numel() > 0 and pointer in storages:
             raise ValueError(
-                f"ema_model's tensor '{name}' shares storage with the student's "
-                f"'{storages[tensor.untyped_storage().data_ptr()]}': the EMA would overwrite the student. Pass a "
-                "module with tensors of its own (copy.deepcopy(student), or a second instance)"
+                f"ema_model's tensor '{name}' shares storage with the student's '{storages[pointer]}': the EMA would "
+                "overwrite the student. Pass a module with tensors of its own (copy.deepcopy(student), or a second "
+                "instance)"
             )
         want = student[name].dtype
         if tensor.dtype != want and not _holds(tensor.dtype, want):
             raise ValueError(
                 f"ema_model's tensor '{name}' is {tensor.dtype}, the student's is {want}: an EMA model must have the "
                 "student's dtypes or wider floating ones (a float32 EMA of a bf16 student, say)"
+            )
+        mismatch = sharding_mismatch(student[name], tensor)
+        if mismatch is not None:
+            raise ValueError(
+                f"ema_model's tensor '{name}' is not sharded like the student's: {mismatch}. Shard ema_model as the "
+                "student (the same fully_shard calls on the same mesh) so that each rank averages its own shards"
             )
 
 

@@ -1,0 +1,412 @@
+"""The EMA of an FSDP2 student: 2 real gloo processes on the CPU, real ``fully_shard``.
+
+Workers run in processes started by ``ignite_ema.run_on_processes``; each
+returns what it saw (whole tensors), and the test process checks it against
+references: an EMA computed here by a plain loop from the gathered student
+(``full_tensor()``) at every step, and unsharded copies of the model.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import ignite.distributed as idist
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+from ignite.engine import Engine, Events
+from ignite.handlers import Checkpoint, DiskSaver
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor, Shard
+
+from ignite_ema import EMAHandler, run_on_processes
+
+pytestmark = pytest.mark.slow
+ITERATIONS = 6
+
+
+class Net(nn.Module):
+    """An uneven shard (``embed``: 5 rows over 2 ranks), BatchNorm statistics and tied weights.
+
+    Under a bf16 ``MixedPrecisionPolicy`` FSDP2 casts parameters but not buffers, and BatchNorm refuses bf16
+    inputs with float32 statistics: that model has no BatchNorm (``bn=False``).
+    """
+
+    def __init__(self, bn: bool = True) -> None:
+        super().__init__()
+        self.embed = nn.Linear(3, 5)
+        self.bn: nn.Module = nn.BatchNorm1d(5) if bn else nn.Identity()
+        self.a = nn.Linear(5, 5, bias=False)
+        self.b = nn.Linear(5, 5, bias=False)
+        self.b.weight = self.a.weight
+        self.head = nn.Linear(5, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.bn(self.embed(x)))
+        return self.head(torch.relu(self.b(torch.relu(self.a(h)))))
+
+
+def _shard(model: nn.Module, mixed: bool = False, **kwargs: Any) -> nn.Module:
+    """``fully_shard`` on ``embed`` and the root (the tied pair must share a unit), on a 1-d CPU mesh of 2."""
+    mesh = init_device_mesh("cpu", (idist.get_world_size(),))
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed else None
+    options: dict[str, Any] = {"mesh": mesh, **kwargs}
+    if policy is not None:
+        options["mp_policy"] = policy
+    fully_shard(model.embed, **options)
+    fully_shard(model, **options)
+    return model
+
+
+def _build(mixed: bool = False) -> nn.Module:
+    torch.manual_seed(0)  # every rank starts from the same weights
+    return _shard(Net(bn=not mixed), mixed)
+
+
+def _batch(iteration: int) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(1000 * idist.get_rank() + iteration)
+    return torch.randn(8, 3, generator=gen), torch.randn(8, 2, generator=gen)
+
+
+def _whole(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter (gathered) and buffer of a sharded model, by name, copied."""
+    tensors = {
+        n: (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone() for n, p in model.named_parameters()
+    }
+    tensors.update({n: b.detach().clone() for n, b in model.named_buffers()})
+    return tensors
+
+
+def _trainer(model: nn.Module, handler: EMAHandler, teacher: nn.Module | None = None) -> tuple[Engine, Any]:
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.05, weight_decay=0.1)
+
+    def step(engine: Engine, _: object) -> None:
+        x, y = _batch(engine.state.iteration)
+        model.train()
+        out = model(x)
+        loss = nn.functional.mse_loss(out, y)
+        if teacher is not None:
+            with torch.no_grad():
+                target = teacher(x)
+            loss = loss + nn.functional.mse_loss(out, target)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+    return Engine(step), optimizer
+
+
+# ----------------------------------------------------------------------------- workers
+
+
+def _averaging_worker(mixed: bool) -> dict[str, Any]:
+    """Shadows only, half-life, every=2: the EMA after each update, the gathered student, the swap, the export."""
+    model = _build(mixed)
+    handler = EMAHandler(model, half_life=3, handle_buffers="update")
+    trainer, _ = _trainer(model, handler)
+    handler.attach(trainer, event=Events.ITERATION_COMPLETED(every=2))
+    seen: list[dict[str, Any]] = []
+
+    def record(engine: Engine) -> None:
+        ema = {n: t.clone() for n, t in handler.state_dict()["tensors"].items()}  # unsharded ones are references
+        seen.append({"momentum": engine.state.ema_momentum, "student": _whole(model), "ema": ema})
+
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, record)
+    initial = _whole(model)
+    trainer.run(range(ITERATIONS), max_epochs=1)
+
+    x = _batch(99)[0]
+    model.eval()
+    own = _whole(model)
+    with torch.no_grad(), handler.swapped():
+        swapped_in = _whole(model)  # before a forward gathers them (in bf16 under mixed precision)
+        inside = model(x)
+    own_after = _whole(model)  # at once: no parameter may still show the EMA's values gathered inside the swap
+    with torch.no_grad():
+        after = model(x)
+    model.reshard()  # FSDP2 keeps the root's parameters gathered after a forward without backward
+    shard_elements = sum(p.to_local().numel() for p in model.parameters())
+    ema_elements = sum(
+        t.to_local().numel() for n, t in handler.sharded_state_dict()["tensors"].items() if isinstance(t, DTensor)
+    )
+    return {
+        "initial": initial,
+        "seen": seen,
+        "x": x,
+        "inside": inside,
+        "after": after,
+        "own": own,
+        "own_after": own_after,
+        "swapped_in": swapped_in,
+        "export": handler.model_state_dict(),
+        "ema_model": handler.ema_model,
+        "elements": (shard_elements, ema_elements),
+    }
+
+
+def _teacher_worker() -> dict[str, Any]:
+    """A sharded "ema_train" teacher; shadows-only "copy" with sync_buffers; a NaN on rank 1; bad inputs."""
+    results: dict[str, Any] = {"rank": idist.get_rank()}
+    student = _build()
+    torch.manual_seed(5)
+    teacher = _shard(Net())  # other initial values: overwritten by the student's
+    handler = EMAHandler(student, momentum=0.3, handle_buffers="ema_train", ema_model=teacher)
+    trainer, _ = _trainer(student, handler, teacher)
+    handler.attach(trainer)
+    weights: list[dict[str, torch.Tensor]] = []
+    trainer.add_event_handler(Events.ITERATION_STARTED, lambda: weights.append(_whole(teacher)))
+    trainer.run(range(ITERATIONS), max_epochs=1)
+    results["teacher"] = {
+        "before_each_step": weights,
+        "final": _whole(teacher),  # after the last update: not the weights its last forward gathered
+        "ema": handler.state_dict()["tensors"],
+        "student": _whole(student),
+    }
+
+    synced = _build()
+    handler = EMAHandler(synced, momentum=0.3, sync_buffers="update", skip_nonfinite=True)
+    trainer, _ = _trainer(synced, handler)
+    stash: dict[str, torch.Tensor] = {}
+
+    def poison(engine: Engine) -> None:  # rank 1's shard only, put back after the update
+        if idist.get_rank() == 1:
+            local = synced.embed.weight.to_local()
+            stash["w"] = local.detach().clone()
+            with torch.no_grad():
+                local[0, 0] = float("nan")
+
+    def restore() -> None:
+        if stash:
+            with torch.no_grad():
+                synced.embed.weight.to_local().copy_(stash.pop("w"))
+
+    trainer.add_event_handler(Events.ITERATION_COMPLETED(once=3), poison)
+    handler.attach(trainer)
+    trainer.add_event_handler(Events.ITERATION_COMPLETED(once=3), restore)
+    history: list[dict[str, torch.Tensor]] = []
+    trainer.add_event_handler(
+        Events.ITERATION_COMPLETED,
+        lambda: history.append({n: t.clone() for n, t in handler.state_dict()["tensors"].items()}),
+    )
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the skipped update is warned about; counted below
+        trainer.run(range(ITERATIONS), max_epochs=1)
+    results["synced"] = {"history": history, "skipped": trainer.state.ema_momentum_skipped}
+
+    errors = {}
+
+    def square(**kwargs: Any) -> nn.Module:  # dim 1 of its weight splits evenly over 2 ranks
+        torch.manual_seed(0)
+        layer = nn.Linear(4, 4)
+        fully_shard(layer, **kwargs)
+        return layer
+
+    mesh = init_device_mesh("cpu", (idist.get_world_size(),))
+    mesh_2d = init_device_mesh("cpu", (1, idist.get_world_size()), mesh_dim_names=("replicate", "shard"))
+    for label, build in {
+        "unsharded": lambda: nn.Linear(4, 4),
+        "other placement": lambda: square(mesh=mesh, shard_placement_fn=lambda p: Shard(1) if p.dim() == 2 else None),
+        "other mesh": lambda: square(mesh=mesh_2d),
+    }.items():
+        try:
+            EMAHandler(square(mesh=mesh), ema_model=build())
+        except ValueError as error:
+            errors[label] = str(error)
+    for label, kwargs in {"ema_train": {"handle_buffers": "ema_train"}, "device": {"device": "cpu"}}.items():
+        try:
+            EMAHandler(square(mesh=mesh), **kwargs)  # type: ignore[arg-type]
+        except ValueError as error:
+            errors[label] = str(error)
+    results["errors"] = errors
+    return results
+
+
+class _FullState:
+    """The model and optimizer of an FSDP2 run as whole tensors: what Ignite's Checkpoint (rank 0 writes) needs."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        self.model, self.optimizer = model, optimizer
+        self.options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "model": get_model_state_dict(self.model, options=self.options),
+            "optimizer": get_optimizer_state_dict(self.model, self.optimizer, options=self.options),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        options = StateDictOptions(full_state_dict=True)
+        set_model_state_dict(self.model, state["model"], options=options)
+        set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"], options=options)
+
+
+def _resume_worker(phase: str, workdir: Path) -> dict[str, Any]:
+    """``first``: checkpoint at iteration 3 both ways, run to the end; ``ignite`` / ``dcp``: resume from one."""
+    model = _build(mixed=True)
+    handler = EMAHandler(model, half_life=4, handle_buffers="update", skip_nonfinite=True)
+    trainer, optimizer = _trainer(model, handler)
+    handler.attach(trainer, event=Events.ITERATION_COMPLETED(every=2))
+    full = _FullState(model, optimizer)
+    if phase == "first":
+        saver = Checkpoint(
+            {"run": full, "trainer": trainer, "ema": handler}, DiskSaver(workdir / "ignite", require_empty=False)
+        )
+        trainer.add_event_handler(Events.ITERATION_COMPLETED(once=3), saver)
+
+        def sharded_save(engine: Engine) -> None:
+            state = {
+                "model": get_model_state_dict(model),
+                "optimizer": get_optimizer_state_dict(model, optimizer),
+                "ema": handler.sharded_state_dict(),
+                "trainer": trainer.state_dict(),
+            }
+            dcp.save(state, checkpoint_id=str(workdir / "dcp"))
+
+        trainer.add_event_handler(Events.ITERATION_COMPLETED(once=3), sharded_save)
+    elif phase == "ignite":
+        path = next((workdir / "ignite").glob("checkpoint_*.pt"))
+        Checkpoint.load_objects({"run": full, "trainer": trainer, "ema": handler}, torch.load(path, weights_only=False))
+    else:
+        state = {
+            "model": get_model_state_dict(model),
+            "optimizer": get_optimizer_state_dict(model, optimizer),
+            "ema": handler.sharded_state_dict(),
+            "trainer": trainer.state_dict(),
+        }
+        dcp.load(state, checkpoint_id=str(workdir / "dcp"))
+        set_model_state_dict(model, state["model"])
+        set_optimizer_state_dict(model, optimizer, state["optimizer"])
+        handler.load_state_dict(state["ema"])
+        trainer.load_state_dict(state["trainer"])
+    start = trainer.state.iteration
+    trainer.run(range(ITERATIONS), max_epochs=1)
+    return {"start": start, "ema": handler.state_dict(), "momentum": trainer.state.ema_momentum}
+
+
+# ----------------------------------------------------------------------------- tests
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["fp32", "bf16-mixed-precision"])
+def averaging(request: pytest.FixtureRequest) -> tuple[bool, list[dict[str, Any]]]:
+    """One 2-process run of ``_averaging_worker`` per configuration, shared by the tests that read it."""
+    return request.param, run_on_processes(2, _averaging_worker, request.param)
+
+
+def test_the_sharded_ema_is_the_plain_loop_ema_of_the_gathered_student_bit_for_bit(
+    averaging: tuple[bool, list[dict[str, Any]]],
+) -> None:
+    mixed, ranks = averaging
+    for rank in ranks:
+        assert rank["ema_model"] is None  # a sharded module cannot be deep-copied: shards only
+        reference = {n: t.clone() for n, t in rank["initial"].items()}
+        for iteration, seen in enumerate(rank["seen"], start=1):
+            if iteration % 2 == 0:  # updates every 2 iterations: delta 2, half-life 3
+                assert seen["momentum"] == pytest.approx(1 - 0.5 ** (2 / 3), rel=1e-12)
+                for name, tensor in seen["student"].items():
+                    if tensor.is_floating_point():  # parameters and BatchNorm statistics, averaged
+                        reference[name] = torch.lerp(reference[name], tensor, seen["momentum"])
+                    else:
+                        reference[name] = tensor.clone()
+            for name, tensor in reference.items():
+                if name != "b.weight":  # tied to a.weight: one tensor, averaged once
+                    assert torch.equal(seen["ema"][name], tensor), (iteration, name)
+        assert "b.weight" not in rank["seen"][-1]["ema"]
+        # Each rank keeps the EMA of its own shards only: the same number of elements as its shards.
+        assert rank["elements"][0] == rank["elements"][1]
+        # The export loads into an unsharded model and holds the EMA, tied weights under both names.
+        plain = Net(bn=not mixed)
+        plain.load_state_dict(rank["export"])
+        for name, tensor in reference.items():
+            assert torch.equal(plain.state_dict()[name], tensor), name
+    # Uneven shards: 5 rows of embed.weight split 3 + 2; both ranks see the same whole EMA.
+    for name, tensor in ranks[0]["seen"][-1]["ema"].items():
+        if "bn." not in name:  # statistics are each rank's own (no sync_buffers here)
+            assert torch.equal(tensor, ranks[1]["seen"][-1]["ema"][name]), name
+
+
+def test_inside_a_swap_the_sharded_student_runs_with_the_ema_and_after_it_is_itself(
+    averaging: tuple[bool, list[dict[str, Any]]],
+) -> None:
+    mixed, ranks = averaging
+    for rank in ranks:
+        ema = rank["seen"][-1]["ema"]
+        for name, tensor in rank["swapped_in"].items():
+            assert torch.equal(tensor, ema["a.weight" if name == "b.weight" else name]), name
+        plain = Net(bn=not mixed)
+        plain.load_state_dict(rank["export"])
+        plain.eval()
+        if mixed:  # FSDP computes in bf16 under this policy: compare with the same in a bf16 copy
+            plain.to(torch.bfloat16)
+        with torch.no_grad():
+            expected = plain(rank["x"].to(next(plain.parameters()).dtype))
+        tolerance = {"rtol": 2e-2, "atol": 2e-2} if mixed else {"rtol": 1e-6, "atol": 1e-6}
+        torch.testing.assert_close(rank["inside"].to(expected.dtype), expected, **tolerance)
+        for name, tensor in rank["own"].items():
+            assert torch.equal(rank["own_after"][name], tensor), name
+        assert not torch.equal(rank["after"], rank["inside"])
+
+
+def test_a_sharded_teacher_keeps_statistics_of_its_own_and_ranks_agree_on_skips_and_buffers() -> None:
+    ranks = run_on_processes(2, _teacher_worker)
+    for rank in ranks:
+        # The "ema_train" teacher: its statistics are what an unsharded teacher with the same weights gathers
+        # on the same batches, and not the student's.
+        teacher, student = rank["teacher"]["final"], rank["teacher"]["student"]
+        replay = Net().train()
+        for iteration, weights in enumerate(rank["teacher"]["before_each_step"], start=1):
+            with torch.no_grad():
+                for name, param in replay.named_parameters():
+                    param.copy_(weights[name])
+                gen = torch.Generator().manual_seed(1000 * rank["rank"] + iteration)
+                replay(torch.randn(8, 3, generator=gen))
+        for name in ("bn.running_mean", "bn.running_var"):
+            torch.testing.assert_close(teacher[name], getattr(replay.bn, name.split(".")[1]), rtol=1e-5, atol=1e-6)
+            assert not torch.equal(teacher[name], student[name])
+        assert teacher["bn.num_batches_tracked"].item() == ITERATIONS
+        for name, tensor in rank["teacher"]["ema"].items():
+            assert torch.equal(teacher[name], tensor), name
+        # A NaN in rank 1's shard at iteration 3: both ranks skip that update.
+        history = rank["synced"]["history"]
+        assert rank["synced"]["skipped"] == 1
+        for name, tensor in history[1].items():
+            assert torch.equal(history[2][name], tensor), name
+    for a, b in zip(ranks[0]["synced"]["history"], ranks[1]["synced"]["history"], strict=True):
+        for name, tensor in a.items():  # sync_buffers on a shards-only EMA: statistics agree too
+            assert torch.equal(tensor, b[name]), name
+    errors = ranks[0]["errors"]
+    assert (
+        "ema_model's tensor 'weight' is not sharded like the student's: it is sharded in the student"
+        in errors["unsharded"]
+    )
+    assert "placements are [Shard(dim=0)], ema_model's [Shard(dim=1)]" in errors["other placement"]
+    assert "the student's mesh is" in errors["other mesh"]
+    assert "pass ema_model=fully_shard(" in errors["ema_train"]
+    assert "device= is not supported for a sharded student" in errors["device"]
+
+
+def test_resume_through_ignites_checkpoint_and_through_dcp_in_fresh_processes_is_bit_identical(tmp_path: Path) -> None:
+    first = run_on_processes(2, _resume_worker, "first", tmp_path)
+    assert sorted(p.name for p in (tmp_path / "ignite").iterdir()) == ["checkpoint_3.pt"]  # rank 0 alone wrote
+    for phase in ("ignite", "dcp"):
+        resumed = run_on_processes(2, _resume_worker, phase, tmp_path)
+        for rank, (done, again) in enumerate(zip(first, resumed, strict=True)):
+            assert again["start"] == 3, phase
+            assert again["momentum"] == done["momentum"]
+            for key in ("num_averaged", "last_update_iteration", "num_skipped", "iteration_offset"):
+                assert again["ema"][key] == done["ema"][key], (phase, rank, key)
+            for name, tensor in done["ema"]["tensors"].items():
+                assert torch.equal(again["ema"]["tensors"][name], tensor), (phase, rank, name)
+    shutil.rmtree(tmp_path / "dcp")
