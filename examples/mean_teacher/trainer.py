@@ -41,7 +41,9 @@ class TeacherHandler(Protocol):
     """An EMA handler with Ignite's interface: ``ignite_ema.EMAHandler`` or ``ignite.handlers.EMAHandler``."""
 
     model: nn.Module
-    ema_model: nn.Module
+
+    @property
+    def ema_model(self) -> nn.Module | None: ...  # None only for a sharded student's EMA without a module
 
     def attach(self, engine: Engine, name: str = ..., warn_if_exists: bool = ..., event: Any = ...) -> None: ...
 
@@ -146,6 +148,8 @@ def create_mean_teacher_trainer(
             f"consistency_weight and rampup_iters must be >= 0; found {consistency_weight} and {rampup_iters}"
         )
     teacher = ema_handler.ema_model if ema_handler is not None else None
+    if ema_handler is not None and teacher is None:
+        raise ValueError("the teacher must be a module: for a sharded student, build the handler with ema_model=")
 
     def step(engine: Engine, batch: Any) -> dict[str, float]:
         x, y, labelled = prepare_batch(batch, device, non_blocking)
