@@ -554,10 +554,10 @@ def _can_be_nonfinite(tensor: Tensor) -> bool:
 def _check_initialised(module: nn.Module, what: str) -> None:
     for name, sub in module.named_modules():
         if _is_uninitialised(sub):
+            where = f"'{name}'" if name else f"the {what} itself"
             raise ValueError(
-                f"{what} has a lazy module that is not initialised yet ('{name or type(sub).__name__}', "
-                f"{type(sub).__name__}): its shapes are known only after a first forward pass. Run one batch "
-                "through the model before building the EMA"
+                f"{what} has a lazy module that is not initialised yet ({where}, {type(sub).__name__}): its shapes "
+                "are known only after a first forward pass. Run one batch through the model before building the EMA"
             )
 
 
