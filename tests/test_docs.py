@@ -58,7 +58,7 @@ def test_python_blocks_run(page: Path, tmp_path: Path, monkeypatch: pytest.Monke
             continue
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # a page may show a warning on purpose
-            exec(compile(code, f"{page.name}, python block {index + 1}", "exec"), namespace)  # noqa: S102
+            exec(compile(code, f"{page.name}, python block {index + 1}", "exec"), namespace)
 
 
 def _tox_envs() -> set[str]:
