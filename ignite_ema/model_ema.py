@@ -166,6 +166,7 @@ class ModelEMA:
         own_buffers = handle_buffers == "ema_train"  # left to the EMA model's own forward passes
         self._copied = [n for n in student if n not in self._averaged and (n in params or not own_buffers)]
 
+        built_by_caller = ema_model is not None
         if ema_model is not None:
             ema_model = unwrap_model(ema_model)
             _check_initialised(ema_model, "ema_model")
@@ -183,10 +184,10 @@ class ModelEMA:
                 param.requires_grad_(False)
             ema_model.train(handle_buffers == "ema_train")
             self._targets = {n: local(t) for n, t in named_tensors(ema_model).items()}
-            with torch.no_grad():
-                for name, target in self._targets.items():
-                    if target.data_ptr() != local(student[name]).data_ptr():
-                        target.copy_(local(student[name]))  # a caller's module; a deep copy holds these already
+            if built_by_caller:  # a deep copy holds the student's values already
+                with torch.no_grad():
+                    for name, target in self._targets.items():
+                        target.copy_(local(student[name]))
         else:  # shards only: averaged tensors straight in their shadow dtype, the others in the student's
             self._targets = {
                 n: local(t).to(dtype=self._shadow_dtype(t, shadow_dtype) if n in self._averaged else t.dtype, copy=True)

@@ -30,7 +30,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, Shard
 
-from ignite_ema import EMAHandler, run_on_processes
+from ignite_ema import EMAHandler, ModelEMA, run_on_processes
 
 pytestmark = pytest.mark.slow
 ITERATIONS = 6
@@ -205,6 +205,23 @@ def _teacher_worker() -> dict[str, Any]:
         warnings.simplefilter("ignore")  # the skipped update is warned about; counted below
         trainer.run(range(ITERATIONS), max_epochs=1)
     results["synced"] = {"history": history, "skipped": trainer.state.ema_momentum_skipped}
+
+    # A bf16 sharded student without an EMA model: float32 shards are the EMA, and the swap rounds them in.
+    low = nn.Linear(4, 4, bias=False).to(torch.bfloat16)
+    nn.init.zeros_(low.weight)
+    fully_shard(low, mesh=init_device_mesh("cpu", (idist.get_world_size(),)))
+    low_ema = ModelEMA(low)
+    with torch.no_grad():
+        low.weight.to_local().fill_(1.0)
+    for _ in range(5):
+        low_ema.update(0.001)  # 1 - 0.999 ** 5, below bf16's resolution near 0.005
+    with low_ema.swapped():
+        inside = low.weight.full_tensor().clone()
+    results["bf16"] = {
+        "ema": low_ema.state_dict()["tensors"]["weight"],
+        "inside": inside,
+        "after": low.weight.full_tensor(),
+    }
 
     errors = {}
 
@@ -386,6 +403,12 @@ def test_a_sharded_teacher_keeps_statistics_of_its_own_and_ranks_agree_on_skips_
     for a, b in zip(ranks[0]["synced"]["history"], ranks[1]["synced"]["history"], strict=True):
         for name, tensor in a.items():  # sync_buffers on a shards-only EMA: statistics agree too
             assert torch.equal(tensor, b[name]), name
+    for rank in ranks:
+        low = rank["bf16"]
+        assert low["ema"].dtype == torch.float32
+        torch.testing.assert_close(low["ema"], torch.full((4, 4), 1 - 0.999**5), rtol=1e-6, atol=0)
+        assert torch.equal(low["inside"], low["ema"].to(torch.bfloat16))
+        assert torch.equal(low["after"], torch.ones(4, 4, dtype=torch.bfloat16))
     errors = ranks[0]["errors"]
     assert (
         "ema_model's tensor 'weight' is not sharded like the student's: it is sharded in the student"
