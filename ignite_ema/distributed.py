@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TypeGuard
 
 import torch
 import torch.distributed as dist
@@ -96,14 +97,14 @@ class RankAverage:
 # ----------------------------------------------------------------------------- sharded (DTensor) tensors
 
 
-def is_sharded(tensor: Tensor) -> bool:
+def is_sharded(tensor: Tensor) -> TypeGuard[DTensor]:
     """Whether ``tensor`` is a DTensor (an FSDP2 parameter, say)."""
     return isinstance(tensor, DTensor)
 
 
 def local(tensor: Tensor) -> Tensor:
     """The tensor this rank holds: a DTensor's local shard (a view, without autograd), else the tensor."""
-    return tensor.to_local().detach() if isinstance(tensor, DTensor) else tensor.detach()
+    return tensor.to_local().detach() if is_sharded(tensor) else tensor.detach()
 
 
 @dataclass(frozen=True)
@@ -145,16 +146,17 @@ class ShardSpec:
 
 def sharding_mismatch(student: Tensor, ema: Tensor) -> str | None:
     """What differs between how two tensors are sharded (``None`` if nothing), in words for an error."""
-    if isinstance(student, DTensor) != isinstance(ema, DTensor):
-        if isinstance(student, DTensor):
-            return f"it is sharded in the student ({ShardSpec.of(student).describe()}) and not in ema_model"
-        return f"it is sharded in ema_model ({ShardSpec.of(ema).describe()}) and not in the student"  # type: ignore[arg-type]
-    if isinstance(student, DTensor) and isinstance(ema, DTensor):
+    if is_sharded(student) and is_sharded(ema):
         mine, theirs = ShardSpec.of(student), ShardSpec.of(ema)
         if mine.mesh != theirs.mesh:
             return f"the student's mesh is {mine.mesh}, ema_model's {theirs.mesh}"
         if mine.placements != theirs.placements:
             return f"the student's placements are {list(mine.placements)}, ema_model's {list(theirs.placements)}"
+        return None
+    if is_sharded(student):
+        return f"it is sharded in the student ({ShardSpec.of(student).describe()}) and not in ema_model"
+    if is_sharded(ema):
+        return f"it is sharded in ema_model ({ShardSpec.of(ema).describe()}) and not in the student"
     return None
 
 

@@ -153,7 +153,7 @@ class ModelEMA:
         self._sharded_student = fsdp_modules(self.model)
         reshard(self._sharded_student)  # its parameters are its shards again, not gathered copies
         student = named_tensors(self.model)
-        self._specs = {n: ShardSpec.of(t) for n, t in student.items() if is_sharded(t)}  # type: ignore[arg-type]
+        self._specs = {n: ShardSpec.of(t) for n, t in student.items() if is_sharded(t)}
         if self._specs and placed is not None:
             raise ValueError("device= is not supported for a sharded student: its EMA lives beside each shard")
         if self._specs and ema_model is None and handle_buffers == "ema_train":
@@ -248,9 +248,10 @@ class ModelEMA:
         """Look the student's tensors up by name again, after they were replaced (``model.to(...)``, say).
 
         Raises ``ValueError`` naming the first tensor that the EMA cannot
-        follow: one added, removed, reshaped, converted to another dtype, or
-        moved to another device when the EMA was not placed with ``device=``
-        or ``ema_model=``; or an EMA model whose tensors were replaced.
+        follow: one added, removed, reshaped, converted to another dtype,
+        sharded or unsharded, or moved off the device its EMA was built on
+        beside it (``device=`` places an EMA elsewhere on purpose); or an EMA
+        model whose tensors were replaced.
         Ignite's :class:`~ignite_ema.EMAHandler` calls this when a run starts.
         """
         reshard(self._sharded_student)
