@@ -3,16 +3,28 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
 import torch
+from ignite.engine import Engine
 from torch import nn
 
 from ignite_ema import EMAHandler
 
 COUNTERS = ("num_averaged", "last_update_iteration", "num_skipped", "iteration_offset")
+
+
+def adding_step(model: nn.Module, amount: float = 1.0) -> Callable[[Engine, object], None]:
+    """A training step that stands for an optimiser step: every parameter grows by ``amount``."""
+
+    def step(engine: Engine, batch: object) -> None:
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(amount)
+
+    return step
 
 
 def linear(value: float = 1.0, dtype: torch.dtype = torch.float32) -> nn.Linear:

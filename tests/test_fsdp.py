@@ -277,6 +277,15 @@ def _resume_worker(phase: str, workdir: Path) -> dict[str, Any]:
     trainer, optimizer = _trainer(model, handler)
     handler.attach(trainer, event=Events.ITERATION_COMPLETED(every=2))
     full = _FullState(model, optimizer)
+
+    def sharded() -> dict[str, Any]:  # each rank's shards, for torch.distributed.checkpoint
+        return {
+            "model": get_model_state_dict(model),
+            "optimizer": get_optimizer_state_dict(model, optimizer),
+            "ema": handler.sharded_state_dict(),
+            "trainer": trainer.state_dict(),
+        }
+
     if phase == "first":
         saver = Checkpoint(
             {"run": full, "trainer": trainer, "ema": handler}, DiskSaver(workdir / "ignite", require_empty=False)
@@ -284,25 +293,14 @@ def _resume_worker(phase: str, workdir: Path) -> dict[str, Any]:
         trainer.add_event_handler(Events.ITERATION_COMPLETED(once=3), saver)
 
         def sharded_save(engine: Engine) -> None:
-            state = {
-                "model": get_model_state_dict(model),
-                "optimizer": get_optimizer_state_dict(model, optimizer),
-                "ema": handler.sharded_state_dict(),
-                "trainer": trainer.state_dict(),
-            }
-            dcp.save(state, checkpoint_id=str(workdir / "dcp"))
+            dcp.save(sharded(), checkpoint_id=str(workdir / "dcp"))
 
         trainer.add_event_handler(Events.ITERATION_COMPLETED(once=3), sharded_save)
     elif phase == "ignite":
         path = next((workdir / "ignite").glob("checkpoint_*.pt"))
         Checkpoint.load_objects({"run": full, "trainer": trainer, "ema": handler}, torch.load(path, weights_only=False))
     else:
-        state = {
-            "model": get_model_state_dict(model),
-            "optimizer": get_optimizer_state_dict(model, optimizer),
-            "ema": handler.sharded_state_dict(),
-            "trainer": trainer.state_dict(),
-        }
+        state = sharded()
         dcp.load(state, checkpoint_id=str(workdir / "dcp"))
         set_model_state_dict(model, state["model"])
         set_optimizer_state_dict(model, optimizer, state["optimizer"])

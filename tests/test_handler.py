@@ -10,19 +10,7 @@ from ignite.engine import Engine, Events, create_supervised_evaluator
 from torch import nn
 
 from ignite_ema import EMAHandler
-from tests.helpers import BNNet, image_batches, linear, no_warnings
-
-
-def _adding_step(model: nn.Module, amount: float = 1.0) -> Callable[[Engine, object], None]:
-    """A training step that stands for an optimiser step: every parameter grows by ``amount``."""
-
-    def step(engine: Engine, batch: object) -> None:
-        with torch.no_grad():
-            for p in model.parameters():
-                p.add_(amount)
-
-    return step
-
+from tests.helpers import BNNet, adding_step, image_batches, linear, no_warnings
 
 # ----------------------------------------------------------------------------- averaging and momentum
 
@@ -31,7 +19,7 @@ def _adding_step(model: nn.Module, amount: float = 1.0) -> Callable[[Engine, obj
 def test_weights_follow_a_plain_loop_with_a_filter(every: int) -> None:
     model = linear()
     handler = EMAHandler(model, momentum=0.3)
-    trainer = Engine(_adding_step(model))
+    trainer = Engine(adding_step(model))
     handler.attach(trainer, event=Events.ITERATION_COMPLETED(every=every))
     trainer.run(range(5), max_epochs=2)
 
@@ -75,7 +63,7 @@ def test_half_life_units_are_resolved_when_the_run_starts(spec: str | int, itera
 def test_linear_warmup_works_under_any_name_and_counts_iterations() -> None:
     model = linear()
     handler = EMAHandler(model, 0.5, 0.0, 5)
-    trainer = Engine(_adding_step(model))
+    trainer = Engine(adding_step(model))
     handler.attach(trainer, name="teacher_momentum", event=Events.ITERATION_COMPLETED(every=2))
     seen: dict[int, float] = {}
     trainer.add_event_handler(
@@ -112,7 +100,7 @@ def test_mean_teacher_warmup_is_the_plain_average_until_it_reaches_momentum() ->
 def test_start_iteration_copies_the_student_until_then() -> None:
     model = linear()
     handler = EMAHandler(model, momentum=0.5, start_iteration=3)
-    trainer = Engine(_adding_step(model))
+    trainer = Engine(adding_step(model))
     handler.attach(trainer)
     momenta: list[float] = []
     trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: momenta.append(e.state.ema_momentum))
@@ -126,7 +114,7 @@ def test_two_handlers_with_their_own_names() -> None:
     model_a, model_b = linear(), linear()
     fast, slow = EMAHandler(model_a, momentum=0.5), EMAHandler(model_b, half_life=2)
 
-    trainer = Engine(_adding_step(nn.ModuleList([model_a, model_b])))
+    trainer = Engine(adding_step(nn.ModuleList([model_a, model_b])))
     fast.attach(trainer, "fast_momentum")
     slow.attach(trainer, "slow_momentum", event=Events.ITERATION_COMPLETED(every=2))
     trainer.run(range(4), max_epochs=1)
@@ -329,7 +317,7 @@ def _assert_unwrapped_and_averaged(wrapped: nn.Module, model: nn.Linear) -> None
     handler = EMAHandler(wrapped, momentum=0.5)
     assert handler.model is model
     assert type(handler.ema_model) is nn.Linear
-    trainer = Engine(_adding_step(model))
+    trainer = Engine(adding_step(model))
     handler.attach(trainer)
     trainer.run(range(2), max_epochs=1)
     torch.testing.assert_close(handler.ema_model.weight, torch.full((1, 2), 2.25))
@@ -347,7 +335,7 @@ def test_tied_parameters_are_averaged_once() -> None:
     nn.init.constant_(model.encoder.weight, 1.0)
     handler = EMAHandler(model, momentum=0.5)
     assert handler.ema_model.decoder.weight is handler.ema_model.encoder.weight
-    trainer = Engine(_adding_step(model))
+    trainer = Engine(adding_step(model))
     handler.attach(trainer)
     trainer.run(range(1), max_epochs=1)
     # averaged twice, it would be 1 -> 1.5 -> 1.75 instead of 1.5
@@ -524,7 +512,7 @@ def test_moving_the_ema_model_after_construction_is_an_error_not_a_silent_stop()
     model = linear()
     handler = EMAHandler(model, momentum=0.5)
     handler.ema_model.double()  # new storage: the handler could not write the averages into it any more
-    trainer = Engine(_adding_step(model))
+    trainer = Engine(adding_step(model))
     handler.attach(trainer)
     with pytest.raises(
         ValueError, match=r"EMA model's tensor 'weight' was replaced after the EMA was built \(now .*64"

@@ -8,7 +8,6 @@ from __future__ import annotations
 import copy
 import io
 import warnings
-from collections.abc import Callable
 from enum import Enum
 
 import numpy as np
@@ -20,16 +19,7 @@ from ignite.metrics import Loss
 from torch import nn
 
 from ignite_ema import EMAHandler
-from tests.helpers import BNNet, image_batches, linear, no_warnings
-
-
-def _adding_step(model: nn.Module, amount: float = 1.0) -> Callable[[Engine, object], None]:
-    def step(engine: Engine, batch: object) -> None:
-        with torch.no_grad():
-            for p in model.parameters():
-                p.add_(amount)
-
-    return step
+from tests.helpers import BNNet, adding_step, image_batches, linear, no_warnings
 
 
 def _momenta(trainer: Engine, name: str = "ema_momentum") -> dict[int, float | None]:
@@ -88,7 +78,7 @@ def test_a_second_run_does_not_replay_the_start_phase_or_the_warmup() -> None:
     # handler's clock from its last update (4): its iterations are 5, 6, 7, linear warm-up indices 3, 4, 5.
     model = linear(0.0)
     handler = EMAHandler(model, momentum=0.5, momentum_warmup=0.0, warmup_iters=5, start_iteration=2)
-    trainer = Engine(_adding_step(model))
+    trainer = Engine(adding_step(model))
     handler.attach(trainer)
     first = _momenta(trainer)
     trainer.run(range(4), max_epochs=1)
@@ -205,7 +195,7 @@ def test_numpy_numbers_are_accepted_as_their_python_kinds() -> None:
     handler = EMAHandler(
         model, np.float32(0.5), np.float64(0.0), np.int64(3), start_iteration=np.int32(1)
     )  # momentum, momentum_warmup, warmup_iters
-    trainer = Engine(_adding_step(model))
+    trainer = Engine(adding_step(model))
     handler.attach(trainer)
     seen = _momenta(trainer)
     trainer.run(range(4), max_epochs=1)
