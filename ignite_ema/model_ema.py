@@ -166,33 +166,9 @@ class ModelEMA:
         own_buffers = handle_buffers == "ema_train"  # left to the EMA model's own forward passes
         self._copied = [n for n in student if n not in self._averaged and (n in params or not own_buffers)]
 
-        built_by_caller = ema_model is not None
-        if ema_model is not None:
-            ema_model = unwrap_model(ema_model)
-            _check_initialised(ema_model, "ema_model")
-            reshard(fsdp_modules(ema_model))
-            _check_caller_ema_model(self.model, ema_model, student)
-        elif not self._specs:
-            ema_model = deepcopy(self.model)
-            if placed is not None:
-                ema_model.to(placed)
-        self.ema_model = ema_model
-        self._sharded_ema = fsdp_modules(ema_model)
-        if ema_model is not None:
-            for param in ema_model.parameters():
-                param.detach_()
-                param.requires_grad_(False)
-            ema_model.train(handle_buffers == "ema_train")
-            self._targets = {n: local(t) for n, t in named_tensors(ema_model).items()}
-            if built_by_caller:  # a deep copy holds the student's values already
-                with torch.no_grad():
-                    for name, target in self._targets.items():
-                        target.copy_(local(student[name]))
-        else:  # shards only: averaged tensors straight in their shadow dtype, the others in the student's
-            self._targets = {
-                n: local(t).to(dtype=self._shadow_dtype(t, shadow_dtype) if n in self._averaged else t.dtype, copy=True)
-                for n, t in student.items()
-            }
+        self.ema_model = self._ema_module(ema_model, student, placed)
+        self._sharded_ema = fsdp_modules(self.ema_model)
+        self._targets = self._ema_tensors(student, copy_student=ema_model is not None, shadow_dtype=shadow_dtype)
 
         # An EMA built beside the student must stay there; one placed on purpose (device=) may be elsewhere.
         self._follows_device = placed is None and all(
@@ -217,6 +193,42 @@ class ModelEMA:
         self._warned: set[str] = set()
         self._bind(student)
         self._mirror_versions = self._versions()
+
+    def _ema_module(
+        self, ema_model: nn.Module | None, student: Mapping[str, Tensor], placed: torch.device | None
+    ) -> nn.Module | None:
+        """The caller's EMA model, checked; else a frozen deep copy of the student; ``None`` for a sharded one."""
+        if ema_model is not None:
+            ema_model = unwrap_model(ema_model)
+            _check_initialised(ema_model, "ema_model")
+            reshard(fsdp_modules(ema_model))
+            _check_caller_ema_model(self.model, ema_model, student)
+        elif not self._specs:
+            ema_model = deepcopy(self.model)
+            if placed is not None:
+                ema_model.to(placed)
+        if ema_model is not None:
+            for param in ema_model.parameters():
+                param.detach_()
+                param.requires_grad_(False)
+            ema_model.train(self.handle_buffers == "ema_train")
+        return ema_model
+
+    def _ema_tensors(
+        self, student: Mapping[str, Tensor], *, copy_student: bool, shadow_dtype: torch.dtype | None
+    ) -> dict[str, Tensor]:
+        """Where the EMA's values live, by name (local shards): the EMA model's tensors, or tensors of its own."""
+        if self.ema_model is None:  # shards only: averaged tensors straight in their shadow dtype
+            return {
+                n: local(t).to(dtype=self._shadow_dtype(t, shadow_dtype) if n in self._averaged else t.dtype, copy=True)
+                for n, t in student.items()
+            }
+        targets = {n: local(t) for n, t in named_tensors(self.ema_model).items()}
+        if copy_student:  # a caller's module; a deep copy holds the student's values already
+            with torch.no_grad():
+                for name, target in targets.items():
+                    target.copy_(local(student[name]))
+        return targets
 
     @staticmethod
     def _shadow_dtype(target: Tensor, shadow_dtype: torch.dtype | None) -> torch.dtype:
