@@ -7,12 +7,8 @@ from ignite_ema.launch import run_on_processes
 from ignite_ema.model_ema import ModelEMA, named_tensors, unwrap_model
 from ignite_ema.posthoc import PostHocEMA
 from ignite_ema.posthoc_math import gamma_to_sigma_rel, power_momentum, sigma_rel_to_gamma
-from ignite_ema.posthoc_snapshots import (
-    SnapshotInfo,
-    list_snapshots,
-    load_reconstruction,
-    reconstruct_from_snapshots,
-)
+from ignite_ema.posthoc_reconstruct import load_reconstruction, reconstruct_from_snapshots
+from ignite_ema.posthoc_snapshots import SnapshotInfo, list_snapshots, load_snapshot
 from ignite_ema.schedules import HalfLife, MomentumSchedule
 
 __all__ = [
@@ -28,6 +24,7 @@ __all__ = [
     "gamma_to_sigma_rel",
     "list_snapshots",
     "load_reconstruction",
+    "load_snapshot",
     "named_tensors",
     "power_momentum",
     "recalibrate_bn",

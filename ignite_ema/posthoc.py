@@ -27,14 +27,14 @@ from torch import Tensor, nn
 from ignite_ema._checks import check_count, warn_at_caller
 from ignite_ema.model_ema import ModelEMA, _is_averaged, named_tensors
 from ignite_ema.posthoc_math import check_sigma_rel, power_momentum, sigma_rel_to_gamma
+from ignite_ema.posthoc_reconstruct import reconstruct_listed, target_sigma_rels
 from ignite_ema.posthoc_snapshots import (
     SNAPSHOT_FORMAT,
     SnapshotInfo,
+    pack_snapshot,
     read_snapshot_info,
-    reconstruct_listed,
     snapshot_filename,
     snapshot_name_matches,
-    target_sigma_rels,
 )
 from ignite_ema.schedules import HalfLife
 
@@ -150,7 +150,7 @@ class PostHocEMA(Serializable):
         params = {n for n, _ in self.ema_models[0].named_parameters()}
         tensors = named_tensors(self.ema_models[0])
         self._averaged = tuple(n for n, t in tensors.items() if _is_averaged(n in params, t, handle_buffers))
-        self._shapes = {n: t.shape for n, t in tensors.items()}
+        self._shapes = {n: tuple(t.shape) for n, t in tensors.items()}
 
         self._run_id = uuid.uuid4().hex  # tells this run's snapshots from another's in the same directory
         self._records: list[dict[str, Any]] = []
@@ -321,11 +321,7 @@ class PostHocEMA(Serializable):
             self._records.append({**record, "gamma": gamma})
 
     def _payload(self, ema: ModelEMA, iteration: int, index: int) -> dict[str, Any]:
-        dtype = self.snapshot_dtype
-        tensors = {
-            n: t.to(dtype) if dtype is not None and n in self._averaged and t.is_floating_point() else t
-            for n, t in ema.state_dict()["tensors"].items()
-        }
+        layout, buffers = pack_snapshot(ema.state_dict()["tensors"], self._averaged, self.snapshot_dtype)
         return {
             "format": SNAPSHOT_FORMAT,
             "run_id": self._run_id,
@@ -334,8 +330,8 @@ class PostHocEMA(Serializable):
             "sigma_rel": self.sigma_rels[index],
             "gamma": self.gammas[index],
             "handle_buffers": self.handle_buffers,
-            "averaged": list(self._averaged),
-            "tensors": tensors,
+            "layout": layout,
+            "buffers": buffers,
         }
 
     @property
