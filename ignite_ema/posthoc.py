@@ -3,9 +3,9 @@ r"""PostHocEMA: track power-function EMAs on an Ignite engine, snapshot them, ch
 Karras et al. (2024, EDM2, Sec. 3 and App. C): two power-function EMAs and
 periodic snapshots of them are enough to reconstruct, after training, the
 power EMA of any width :math:`\sigma_{rel}`. The math is in
-:mod:`ignite_ema.posthoc_math`, the files and the reconstruction in
-:mod:`ignite_ema.posthoc_snapshots`; docs/posthoc.md has the derivations and
-the measurements.
+:mod:`ignite_ema.posthoc_math`, the files in :mod:`ignite_ema.posthoc_snapshots`,
+the reconstruction in :mod:`ignite_ema.posthoc_reconstruct`; docs/posthoc.md
+has the derivations and the measurements.
 """
 
 from __future__ import annotations
@@ -307,7 +307,10 @@ class PostHocEMA(Serializable):
         after it).
         """
         if self._saver is None or self._last_update_iteration == 0:
-            raise RuntimeError("this PostHocEMA has not updated yet: there is nothing to snapshot")
+            raise RuntimeError(
+                "this PostHocEMA has no update to snapshot yet: snapshot() writes the EMAs as of their last update "
+                "in a run (of this handler, on its attached engine)"
+            )
         if self._last_snapshot_iteration() < self._last_update_iteration:
             self._write_snapshots(self._last_update_iteration)
 

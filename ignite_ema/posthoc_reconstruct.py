@@ -5,9 +5,9 @@ architecture the snapshots were written for (its weights are not used), so it
 runs after training, in a fresh process: ``load_reconstruction(model,
 reconstruct_from_snapshots(snapshot_dir, 0.15, model=model))``. The
 coefficients come from :func:`~ignite_ema.posthoc_math.synthesis_coefficients`;
-the files are read one at a time, each added with its coefficient into one
-flat sum per target, so memory stays at one snapshot (memory-mapped) in
-float32 plus the results.
+the files are read one at a time (memory-mapped), each added with its
+coefficient into one flat sum per target a chunk at a time, so memory stays at
+one snapshot file's pages plus the results.
 """
 
 from __future__ import annotations
@@ -28,6 +28,8 @@ from ignite_ema.posthoc_math import check_sigma_rel, sigma_rel_to_gamma, synthes
 from ignite_ema.posthoc_snapshots import AVERAGED, Slot, SnapshotInfo, layout_of, list_snapshots, load_snapshot_data
 
 __all__ = ["load_reconstruction", "reconstruct_from_snapshots"]
+
+_CHUNK = 1 << 20  # elements converted at a time: the float32 copy of a snapshot never exists whole
 
 
 @overload
@@ -117,26 +119,27 @@ def reconstruct_listed(
     # The accumulators follow the layout of the snapshot at the target iteration: one flat sum per buffer.
     reference = min((i for i in used if i.iteration == target), key=lambda i: i.index)
     ref = load_snapshot_data(reference.path)
-    ref_layout, ref_buffers = layout_of(ref), ref["buffers"]
+    ref_layout = layout_of(ref)
+    copied = {b: t.to(placed, copy=True) for b, t in ref["buffers"].items() if not b.startswith(AVERAGED)}
     sums: list[dict[str, Tensor]] = [
         {
             b: torch.zeros(t.numel(), dtype=torch.promote_types(t.dtype, torch.float32), device=placed)
-            for b, t in ref_buffers.items()
+            for b, t in ref["buffers"].items()
             if b.startswith(AVERAGED)
         }
         for _ in sigma_rels
     ]
+    del ref  # its pages: read again in turn
     members = {b: [n for n, s in ref_layout.items() if s.buffer == b] for b in sums[0]}
     for row, info in zip(coefficients, used, strict=True):  # one snapshot in memory at a time
-        data = ref if info is reference else load_snapshot_data(info.path)
+        data = load_snapshot_data(info.path)
         layout = layout_of(data)
         for buffer, names in members.items():
             _add(sums, row.tolist(), buffer, names, ref_layout, layout, data["buffers"])
         del data
     results = []
     for out in sums:
-        copied = {b: t.to(placed, copy=True) for b, t in ref_buffers.items() if not b.startswith(AVERAGED)}
-        merged = {**out, **copied}
+        merged = {**out, **{b: t.clone() for b, t in copied.items()}}
         results.append({name: slot.view(merged) for name, slot in ref_layout.items()})
     return results
 
@@ -156,10 +159,12 @@ def _add(
         layout[n].buffer == first.buffer and layout[n].offset - first.offset == ref_layout[n].offset for n in names
     )
     like = sums[0][buffer]
-    if aligned:  # the same tensors in the same order: one conversion and one add per target
-        values = buffers[first.buffer][first.offset : first.offset + like.numel()].to(like.device, like.dtype)
-        for out, weight in zip(sums, weights, strict=True):
-            out[buffer].add_(values, alpha=weight)
+    if aligned:  # the same tensors in the same order: converted and added a chunk at a time
+        source = buffers[first.buffer][first.offset : first.offset + like.numel()]
+        for start in range(0, like.numel(), _CHUNK):
+            values = source[start : start + _CHUNK].to(like.device, like.dtype)
+            for out, weight in zip(sums, weights, strict=True):
+                out[buffer][start : start + _CHUNK].add_(values, alpha=weight)
         return
     for name in names:  # packed otherwise (another snapshot dtype for some tensors): tensor by tensor
         value = layout[name].view(buffers).to(like.device, like.dtype)

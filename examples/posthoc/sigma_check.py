@@ -128,14 +128,14 @@ def _row(ema: str, every: int, nominal: float, weights: Tensor) -> dict[str, obj
 def main(argv: Sequence[str] | None = None) -> list[dict[str, object]]:
     parser = argparse.ArgumentParser(prog="python -m examples.posthoc.sigma_check", description=__doc__)
     parser.add_argument("--iters", type=int, default=20_000, help="run length (default 20,000)")
-    parser.add_argument("--handler-iters", type=int, default=1500, help="run length for EMAHandler (default 1,500)")
+    parser.add_argument("--handler-iters", type=int, default=1000, help="run length for EMAHandler (default 1,000)")
     parser.add_argument("--out", type=Path, default=None, help="also write the rows as JSON here")
     args = parser.parse_args(argv)
     rows = run(args.iters, args.handler_iters, (0.05, 0.10))
     print("| EMA | updates every | iterations | nominal sigma_rel | measured sigma_rel |")
     print("|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['ema']} | {r['every']} | {r['iterations']:,} | {r['nominal']:.3f} | {r['measured']:.4f} |")
+        print(f"| {r['ema']} | {r['every']} | {r['iterations']:,} | {r['nominal']:.3f} | {r['measured']:.5f} |")
     if args.out is not None:
         args.out.write_text(json.dumps(rows, indent=2) + "\n")
     return rows
