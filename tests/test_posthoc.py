@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import re
 import shutil
 import subprocess
 import sys
@@ -32,7 +33,7 @@ from ignite_ema import (
     reconstruct_from_snapshots,
     sigma_rel_to_gamma,
 )
-from tests.helpers import BNNet, image_batches
+from tests.helpers import BNNet, image_batches, no_warnings
 from tests.posthoc_resume_job import run_phase
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -460,6 +461,17 @@ def test_resume_through_checkpoint_in_a_fresh_process_is_bit_identical(tmp_path:
         }
         assert all(torch.equal(t, got["buffers"][n]) for n, t in want["buffers"].items()), record["file"]
     assert len(list_snapshots(tmp_path / "snapshots")) == 8  # one run, as far as the reader can tell
+
+
+# ---------------------------------------------------------------------- docs
+
+
+def test_the_usage_block_in_the_docs_runs_as_written() -> None:
+    text = (ROOT / "docs" / "posthoc.md").read_text()
+    block = re.search(r"```python\n(.*?)```", text, re.DOTALL)
+    assert block is not None
+    with no_warnings():
+        exec(compile(block[1], "docs/posthoc.md", "exec"), {"__name__": "docs_posthoc"})
 
 
 # ---------------------------------------------------------------------- the example
