@@ -138,6 +138,29 @@ def test_the_power_emas_follow_their_closed_form(tmp_path: Path, every: int) -> 
     assert seen[-1][1] == pytest.approx((1 - (1 - every / t) ** 17.972198602303, 1 - (1 - every / t) ** 7.937203937602))
 
 
+def test_the_clock_goes_on_across_runs_and_a_resume_without_state_warns_at_the_caller(tmp_path: Path) -> None:
+    model = student()
+    trainer = follow(model, trajectory)
+    posthoc = PostHocEMA(model, (0.10,), snapshot_every=10, snapshot_dir=tmp_path / "a")
+    posthoc.attach(trainer)
+    trainer.run(range(20), max_epochs=1)
+    trainer.run(range(20), max_epochs=1)  # a finished engine starts again from iteration 0; the EMA's clock does not
+    assert [i.iteration for i in posthoc.snapshots] == [10, 20, 30, 40]
+    gamma = sigma_rel_to_gamma(0.10)
+    assert trainer.state.posthoc_momentum == pytest.approx((1 - (39 / 40) ** (gamma + 1),))
+
+    resumed = follow(model, trajectory)
+    resumed.load_state_dict({"iteration": 100, "epoch_length": 100, "max_epochs": 2})  # the trainer's state only
+    fresh = PostHocEMA(model, (0.10,), snapshot_every=10, snapshot_dir=tmp_path / "b")
+    fresh.attach(resumed)
+    with pytest.warns(UserWarning, match="resumes at iteration 100, but this PostHocEMA has neither") as caught:
+        resumed.run(range(100), max_epochs=2)
+    assert caught[0].filename == __file__  # pointed at the user's run() call
+    assert resumed.state.posthoc_momentum == pytest.approx((1 - (199 / 200) ** (gamma + 1),))
+    # The first update is past every multiple of 10 up to 100: it is snapshotted, then 110, 120, ...
+    assert [i.iteration for i in fresh.snapshots][:3] == [101, 110, 120]
+
+
 def test_low_precision_students_are_averaged_in_float32(tmp_path: Path) -> None:
     # A slow drift: each update moves the average by about 1e-5, under half a bf16 step at 1.0 (0.0039).
     def drift(t: int) -> Tensor:
