@@ -318,13 +318,14 @@ class PostHocEMA(Serializable):
         assert self._saver is not None  # made at STARTED
         for index, (ema, sigma_rel, gamma) in enumerate(zip(self._emas, self.sigma_rels, self.gammas, strict=True)):
             filename = snapshot_filename(iteration, index, sigma_rel)
+            tensors = ema.state_dict()["tensors"]  # on every rank: for a sharded model, a collective
             if idist.get_rank() == 0:
-                self._saver(self._payload(ema, iteration, index), filename)
+                self._saver(self._payload(tensors, iteration, index), filename)
             record = {"file": filename, "iteration": iteration, "index": index, "sigma_rel": sigma_rel}
             self._records.append({**record, "gamma": gamma})
 
-    def _payload(self, ema: ModelEMA, iteration: int, index: int) -> dict[str, Any]:
-        layout, buffers = pack_snapshot(ema.state_dict()["tensors"], self._averaged, self.snapshot_dtype)
+    def _payload(self, tensors: Mapping[str, Tensor], iteration: int, index: int) -> dict[str, Any]:
+        layout, buffers = pack_snapshot(tensors, self._averaged, self.snapshot_dtype)
         return {
             "format": SNAPSHOT_FORMAT,
             "run_id": self._run_id,
