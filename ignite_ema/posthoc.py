@@ -79,9 +79,10 @@ class PostHocEMA(Serializable):
     Attributes:
         model: the student, unwrapped.
         ema_models: one averaged module per ``sigma_rel`` (``requires_grad``
-            off, eval mode), in the student's dtypes; for a bf16 or fp16
-            student the averages themselves are float32 shadows, which
-            ``state_dict()`` and the snapshots hold.
+            off, eval mode), in the student's dtypes, or ``None`` where the
+            :class:`~ignite_ema.ModelEMA` keeps no module of its own; for a
+            bf16 or fp16 student the averages themselves are float32 shadows,
+            which ``state_dict()`` and the snapshots hold.
         sigma_rels, gammas: the widths and their exponents.
         snapshot_dir: where the snapshots go.
 
@@ -143,12 +144,13 @@ class PostHocEMA(Serializable):
 
         self._emas = tuple(ModelEMA(model, handle_buffers) for _ in self.sigma_rels)
         self.model = self._emas[0].model
-        self.ema_models = tuple(ema.ema_model for ema in self._emas)
+        self.ema_models: tuple[nn.Module | None, ...] = tuple(ema.ema_model for ema in self._emas)
         self.gammas = tuple(sigma_rel_to_gamma(s) for s in self.sigma_rels)
         self.handle_buffers = handle_buffers
         self.snapshot_dtype = snapshot_dtype
-        params = {n for n, _ in self.ema_models[0].named_parameters()}
-        tensors = named_tensors(self.ema_models[0])
+        # From the student, whose tensors the EMAs pair by name (an EMA may keep no module of its own).
+        params = {n for n, _ in self.model.named_parameters()}
+        tensors = named_tensors(self.model)
         self._averaged = tuple(n for n, t in tensors.items() if _is_averaged(n in params, t, handle_buffers))
         self._shapes = {n: tuple(t.shape) for n, t in tensors.items()}
 

@@ -53,8 +53,9 @@ def _set_one_hot(probe: nn.Linear, iteration: int) -> None:
         probe.weight[0, iteration - 1] = 1.0
 
 
-def _weight_row(module: nn.Module) -> Tensor:
+def _weight_row(module: nn.Module | None) -> Tensor:
     """The averaged probe's weight row: the weight each iteration has in the EMA."""
+    assert module is not None  # an unsharded probe: its EMA keeps a module
     weight = module.weight
     assert isinstance(weight, Tensor)
     return weight.detach()[0].clone()
