@@ -1,0 +1,3 @@
+from examples.posthoc.cli import main
+
+main()

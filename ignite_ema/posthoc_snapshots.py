@@ -1,0 +1,207 @@
+"""PostHocEMA's snapshot files: what they hold, how they are packed, how they are listed.
+
+A snapshot is one file per tracked EMA and snapshot iteration,
+``phema-<iteration>-<index>-<sigma_rel>.pt``, written by ``torch.save``
+through Ignite's ``DiskSaver``. It is self-describing: the iteration it was
+taken at, the EMA's ``sigma_rel`` and exponent, the buffer mode, the run that
+wrote it, and every tensor of the EMA by name. The tensors are packed into a
+few flat buffers, one per kind (average or copy) and stored dtype (averages
+in the snapshot dtype, copied tensors in their own), with a layout of
+``[name, buffer, offset, shape]`` kept as one JSON string: a model of 1,800
+tensors is then a file of a handful of objects, fast to write, to load
+(``weights_only``) and to add up. The file names are for people; the reader
+goes by the contents.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass, field
+from os import PathLike
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "SNAPSHOT_FORMAT",
+    "SnapshotInfo",
+    "list_snapshots",
+    "load_snapshot",
+    "read_snapshot_info",
+    "snapshot_filename",
+]
+
+SNAPSHOT_FORMAT = "ignite_ema.posthoc/1"
+_NAME = re.compile(r"^phema-(\d+)-(\d+)-[^/\\]*\.pt$")
+_KEYS = ("format", "run_id", "iteration", "index", "sigma_rel", "gamma", "handle_buffers", "layout", "buffers")
+_SLOTS = "_slots"  # the layout, parsed once, kept with the loaded contents
+AVERAGED, COPIED = "averaged", "copied"  # the two kinds of buffer: averages, and tensors copied from the student
+
+
+def snapshot_filename(iteration: int, index: int, sigma_rel: float) -> str:
+    """``phema-<iteration, 10 digits>-<index>-<sigma_rel>.pt``: sorted by iteration, unique by index."""
+    return f"phema-{iteration:010d}-{index}-{sigma_rel:.4g}.pt"
+
+
+def snapshot_name_matches(filename: str) -> bool:
+    """Whether ``filename`` is named like a snapshot (the reader then checks its contents)."""
+    return _NAME.match(filename) is not None
+
+
+@dataclass(frozen=True)
+class Slot:
+    """Where one tensor lies in a snapshot: its buffer, offset and shape."""
+
+    buffer: str
+    offset: int
+    shape: tuple[int, ...]
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for size in self.shape:
+            n *= size
+        return n
+
+    def view(self, buffers: Mapping[str, Tensor]) -> Tensor:
+        return buffers[self.buffer][self.offset : self.offset + self.numel].view(self.shape)
+
+
+def pack_snapshot(
+    tensors: Mapping[str, Tensor], averaged: Collection[str], dtype: torch.dtype | None
+) -> tuple[str, dict[str, Tensor]]:
+    """The layout (JSON) and the flat CPU buffers of ``tensors``: real floating averages in ``dtype`` (if given).
+
+    Args:
+        tensors: the EMA's tensors by name, in order.
+        averaged: the names of those that are averages.
+        dtype: the dtype of the averages on disk; ``None`` keeps theirs.
+    """
+    layout: list[list[Any]] = []
+    sizes: dict[str, int] = {}
+    stored: dict[str, torch.dtype] = {}
+    for name, tensor in tensors.items():
+        kind = AVERAGED if name in averaged else COPIED
+        want = dtype if kind == AVERAGED and dtype is not None and tensor.is_floating_point() else tensor.dtype
+        buffer = f"{kind}/{str(want).removeprefix('torch.')}"
+        layout.append([name, buffer, sizes.get(buffer, 0), list(tensor.shape)])
+        sizes[buffer] = sizes.get(buffer, 0) + tensor.numel()
+        stored[buffer] = want
+    buffers = {b: torch.empty(n, dtype=stored[b]) for b, n in sizes.items()}
+    with torch.no_grad():
+        for (_, buffer, offset, _), tensor in zip(layout, tensors.values(), strict=True):
+            buffers[buffer][offset : offset + tensor.numel()].copy_(tensor.reshape(-1))
+    return json.dumps(layout), buffers
+
+
+def layout_of(data: Mapping[str, Any]) -> dict[str, Slot]:
+    """The layout of a snapshot that :func:`load_snapshot_data` loaded, by name."""
+    slots: dict[str, Slot] = data[_SLOTS]
+    return slots
+
+
+def load_snapshot_data(path: Path) -> dict[str, Any]:
+    """The file's contents, its buffers memory-mapped (read from disk only when used); checked to be a snapshot."""
+    try:
+        data = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+    except Exception as error:  # torch raises RuntimeError, pickle errors, ... for a file it cannot read
+        raise ValueError(f"'{path}' is not a readable PostHocEMA snapshot: {error}") from None
+    if not isinstance(data, dict) or data.get("format") != SNAPSHOT_FORMAT:
+        found = data.get("format") if isinstance(data, dict) else type(data).__name__
+        raise ValueError(f"'{path}' is not a PostHocEMA snapshot: expected format {SNAPSHOT_FORMAT!r}, found {found!r}")
+    missing = [k for k in _KEYS if k not in data]
+    if missing:
+        raise ValueError(f"the snapshot '{path}' lacks {missing}: it was not written by PostHocEMA")
+    try:
+        entries = json.loads(data["layout"])
+        data[_SLOTS] = {str(n): Slot(str(b), int(o), tuple(int(d) for d in s)) for n, b, o, s in entries}
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"the snapshot '{path}' is damaged: its layout does not read ({error})") from None
+    for name, slot in layout_of(data).items():
+        buffer = data["buffers"].get(slot.buffer)
+        if buffer is None or slot.offset < 0 or slot.offset + slot.numel > buffer.numel():
+            raise ValueError(f"the snapshot '{path}' is damaged: tensor '{name}' lies outside its buffer")
+    return data
+
+
+def load_snapshot(path: str | PathLike[str]) -> dict[str, Tensor]:
+    """The EMA tensors of one snapshot file by name, as stored (memory-mapped views: clone what you keep).
+
+    Args:
+        path: the file.
+    """
+    data = load_snapshot_data(Path(path))
+    return {name: slot.view(data["buffers"]) for name, slot in layout_of(data).items()}
+
+
+@dataclass(frozen=True)
+class SnapshotInfo:
+    """What a snapshot file holds, read without loading its tensors' values."""
+
+    path: Path
+    iteration: int
+    index: int
+    sigma_rel: float
+    gamma: float
+    handle_buffers: str
+    run_id: str
+    averaged: tuple[str, ...] = field(repr=False)
+    shapes: Mapping[str, tuple[int, ...]] = field(repr=False)
+
+
+def read_snapshot_info(path: str | PathLike[str]) -> SnapshotInfo:
+    """The metadata, tensor names and shapes of one snapshot file.
+
+    Args:
+        path: the file.
+    """
+    path = Path(path)
+    data = load_snapshot_data(path)
+    layout = layout_of(data)
+    return SnapshotInfo(
+        path=path,
+        iteration=int(data["iteration"]),
+        index=int(data["index"]),
+        sigma_rel=float(data["sigma_rel"]),
+        gamma=float(data["gamma"]),
+        handle_buffers=str(data["handle_buffers"]),
+        run_id=str(data["run_id"]),
+        averaged=tuple(n for n, s in layout.items() if s.buffer.startswith(AVERAGED)),
+        shapes={n: s.shape for n, s in layout.items()},
+    )
+
+
+def list_snapshots(snapshot_dir: str | PathLike[str]) -> list[SnapshotInfo]:
+    """Every snapshot in ``snapshot_dir``, by iteration then index; other files are ignored.
+
+    Raises ``FileNotFoundError`` / ``NotADirectoryError`` for a missing
+    directory, ``ValueError`` for one without snapshots or with snapshots of
+    more than one run.
+
+    Args:
+        snapshot_dir: the directory a :class:`~ignite_ema.PostHocEMA` wrote.
+    """
+    directory = Path(snapshot_dir).expanduser()
+    if not directory.exists():
+        raise FileNotFoundError(f"snapshot_dir '{directory}' does not exist")
+    if not directory.is_dir():
+        raise NotADirectoryError(f"snapshot_dir '{directory}' is not a directory")
+    paths = [p for p in sorted(directory.iterdir()) if snapshot_name_matches(p.name) and p.is_file()]
+    infos = [read_snapshot_info(p) for p in paths]
+    if not infos:
+        raise ValueError(
+            f"snapshot_dir '{directory}' holds no PostHocEMA snapshots (files named phema-<iteration>-<index>-"
+            "<sigma_rel>.pt): is it the snapshot_dir the training run was given?"
+        )
+    runs = {i.run_id for i in infos}
+    if len(runs) > 1:
+        first = next(i for i in infos if i.run_id != infos[0].run_id)
+        raise ValueError(
+            f"snapshot_dir '{directory}' holds snapshots of {len(runs)} training runs ('{infos[0].path.name}' and "
+            f"'{first.path.name}' differ): give each run its own snapshot_dir"
+        )
+    return sorted(infos, key=lambda i: (i.iteration, i.index))

@@ -1,0 +1,516 @@
+"""PostHocEMA: the power EMAs against their closed form, reconstruction from real snapshot files, resume, errors.
+
+Expected values are computed here: closed forms, quadrature and plain loops
+over the student's trajectory, never by the code under test.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import re
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from ignite.engine import Engine, Events
+from scipy import integrate
+from torch import Tensor, nn
+
+from examples.posthoc.digits import GRID
+from ignite_ema import (
+    PostHocEMA,
+    gamma_to_sigma_rel,
+    list_snapshots,
+    load_reconstruction,
+    load_snapshot,
+    reconstruct_from_snapshots,
+    sigma_rel_to_gamma,
+)
+from tests.helpers import BNNet, image_batches, no_warnings
+from tests.posthoc_resume_job import run_phase
+
+ROOT = Path(__file__).resolve().parents[1]
+T = 2000  # iterations of the trajectory runs
+_WAVES = ((0.5, 0.3), (1.0, 1.0), (2.0, 0.1), (3.0, 2.0), (0.25, 0.7), (1.5, 2.5))  # (cycles per run, phase)
+
+
+def trajectory(t: int, length: int = T) -> Tensor:
+    """The student's weights at iteration ``t``: six smooth curves, sines on a quadratic drift."""
+    x = t / length
+    return torch.tensor([math.sin(2 * math.pi * f * x + p) + 0.5 * x * x for f, p in _WAVES], dtype=torch.float64)
+
+
+def follow(model: nn.Linear, path: Callable[[int], Tensor]) -> Engine:
+    """An engine whose step sets the model's weight row to ``path(iteration)``: an optimiser we can follow."""
+
+    def step(engine: Engine, batch: object) -> None:
+        with torch.no_grad():
+            model.weight.copy_(path(engine.state.iteration).to(model.weight.dtype))
+
+    return Engine(step)
+
+
+def student(dtype: torch.dtype = torch.float64) -> nn.Linear:
+    return nn.Linear(len(_WAVES), 1, bias=False).to(dtype)
+
+
+def power_ema(values: Sequence[Tensor], times: Sequence[int], gamma: float) -> Tensor:
+    """The closed form: after updates at ``times``, the student at ``t_k`` weighs ``(t_k^(g+1) - t_(k-1)^(g+1)) /
+    t_n^(g+1)`` (with ``t_0 = 0``), the mass of ``tau^gamma`` over the iterations it stands for."""
+    total = torch.zeros_like(values[0], dtype=torch.float64)
+    end, previous = times[-1], 0
+    for value, t in zip(values, times, strict=True):
+        total += ((t / end) ** (gamma + 1) - (previous / end) ** (gamma + 1)) * value.double()
+        previous = t
+    return total
+
+
+# ---------------------------------------------------------------------- conversions
+
+
+def test_sigma_rel_is_the_relative_std_of_the_power_profile() -> None:
+    # EDM2 (Sec. 3) quotes gamma 16.97 for sigma_rel 0.05 and 6.94 for 0.10.
+    assert round(sigma_rel_to_gamma(0.05), 2) == 16.97
+    assert round(sigma_rel_to_gamma(0.10), 2) == 6.94
+    for sigma in (0.01, 0.07, 0.15, 0.25, 1 / math.sqrt(12)):
+        gamma = sigma_rel_to_gamma(sigma)
+        # The density (gamma + 1) tau^gamma on [0, 1], by quadrature: its std is sigma_rel.
+        mass, mean, second = (
+            integrate.quad(lambda u, g=gamma, n=n: u**n * (g + 1) * u**g, 0, 1, epsabs=0, epsrel=1e-13)[0]
+            for n in (0, 1, 2)
+        )
+        assert mass == pytest.approx(1.0, abs=1e-11)
+        assert math.sqrt(second - mean**2) == pytest.approx(sigma, rel=1e-9), sigma
+        assert gamma_to_sigma_rel(gamma) == pytest.approx(sigma, rel=1e-12)
+    assert sigma_rel_to_gamma(1 / math.sqrt(12)) == 0.0  # the uniform average of the run
+
+
+@pytest.mark.parametrize(
+    ("value", "error", "match"),
+    [
+        (0.0, ValueError, r"must lie in \(0, 0\.288675\]; found 0\.0"),
+        (0.3, ValueError, r"found 0\.3\. .*gamma < 0"),
+        (-0.1, ValueError, "must lie in"),
+        (float("nan"), ValueError, "must be finite"),
+        ("0.1", TypeError, "must be a real number; found str"),
+        (True, TypeError, "must be a real number; found bool"),
+    ],
+)
+def test_a_sigma_rel_outside_the_math_is_refused(value: object, error: type[Exception], match: str) -> None:
+    with pytest.raises(error, match=match):
+        sigma_rel_to_gamma(value)  # type: ignore[arg-type]
+    with pytest.raises(error, match=match):
+        PostHocEMA(student(), (0.05, value), snapshot_every=10, snapshot_dir="unused")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"gamma must be at least 0"):
+        gamma_to_sigma_rel(-0.5)
+
+
+# ---------------------------------------------------------------------- the power EMA
+
+
+@pytest.mark.parametrize("every", [1, 7])
+def test_the_power_emas_follow_their_closed_form(tmp_path: Path, every: int) -> None:
+    model = student()
+    trainer = follow(model, trajectory)
+    posthoc = PostHocEMA(model, (0.05, 0.10), snapshot_every=10_000, snapshot_dir=tmp_path)
+    posthoc.attach(trainer, event=Events.ITERATION_COMPLETED(every=every))
+    seen: list[tuple[int, tuple[float, ...]]] = []
+    trainer.add_event_handler(
+        Events.ITERATION_COMPLETED(every=every), lambda e: seen.append((e.state.iteration, e.state.posthoc_momentum))
+    )
+    trainer.run(range(500), max_epochs=2)  # 1000 iterations: 142 updates at every=7, the last at 994
+
+    times = list(range(every, 1001, every))
+    values = [trajectory(t) for t in times]
+    for ema, gamma in zip(posthoc.ema_models, (16.972198602303, 6.937203937602), strict=True):
+        want = power_ema(values, times, gamma)
+        torch.testing.assert_close(ema.weight.detach()[0], want, rtol=0, atol=1e-10)
+    # The published momenta: 1 (a copy) first, then 1 - (1 - delta / t)^(gamma + 1).
+    assert seen[0] == (every, (1.0, 1.0))
+    t = seen[-1][0]
+    assert seen[-1][1] == pytest.approx((1 - (1 - every / t) ** 17.972198602303, 1 - (1 - every / t) ** 7.937203937602))
+
+
+def test_the_clock_goes_on_across_runs_and_a_resume_without_state_warns_at_the_caller(tmp_path: Path) -> None:
+    model = student()
+    trainer = follow(model, trajectory)
+    posthoc = PostHocEMA(model, (0.10,), snapshot_every=10, snapshot_dir=tmp_path / "a")
+    posthoc.attach(trainer)
+    trainer.run(range(20), max_epochs=1)
+    trainer.run(range(20), max_epochs=1)  # a finished engine starts again from iteration 0; the EMA's clock does not
+    assert [i.iteration for i in posthoc.snapshots] == [10, 20, 30, 40]
+    gamma = sigma_rel_to_gamma(0.10)
+    assert trainer.state.posthoc_momentum == pytest.approx((1 - (39 / 40) ** (gamma + 1),))
+
+    resumed = follow(model, trajectory)
+    resumed.load_state_dict({"iteration": 100, "epoch_length": 100, "max_epochs": 2})  # the trainer's state only
+    fresh = PostHocEMA(model, (0.10,), snapshot_every=10, snapshot_dir=tmp_path / "b")
+    fresh.attach(resumed)
+    with pytest.warns(UserWarning, match="resumes at iteration 100, but this PostHocEMA has neither") as caught:
+        resumed.run(range(100), max_epochs=2)
+    assert caught[0].filename == __file__  # pointed at the user's run() call
+    assert resumed.state.posthoc_momentum == pytest.approx((1 - (199 / 200) ** (gamma + 1),))
+    # The first update is past every multiple of 10 up to 100: it is snapshotted, then 110, 120, ...
+    assert [i.iteration for i in fresh.snapshots][:3] == [101, 110, 120]
+
+
+def test_low_precision_students_are_averaged_in_float32(tmp_path: Path) -> None:
+    # A slow drift: each update moves the average by about 1e-5, under half a bf16 step at 1.0 (0.0039).
+    def drift(t: int) -> Tensor:
+        return torch.full((len(_WAVES),), 1.0 + 0.5 * t / 400, dtype=torch.float64)
+
+    model = student(torch.bfloat16)
+    trainer = follow(model, drift)
+    posthoc = PostHocEMA(model, (0.10,), snapshot_every=400, snapshot_dir=tmp_path, snapshot_dtype=None)
+    posthoc.attach(trainer)
+    trainer.run(range(400), max_epochs=1)
+    shadow = posthoc.state_dict()["emas"][0]["tensors"]["weight"]
+    assert shadow.dtype == torch.float32
+    values = [drift(t).to(torch.bfloat16) for t in range(1, 401)]  # what the student held
+    want = power_ema(values, list(range(1, 401)), sigma_rel_to_gamma(0.10))
+    torch.testing.assert_close(shadow[0].double(), want, rtol=0, atol=2e-6)  # float32 rounding over 400 updates
+    saved = load_snapshot(posthoc.snapshots[-1].path)["weight"]
+    assert saved.dtype == torch.float32 and torch.equal(saved, shadow)
+
+
+# ---------------------------------------------------------------------- reconstruction
+
+
+def _tracked_run(tmp_path: Path, snapshot_every: int, snapshot_dtype: torch.dtype | None) -> tuple[PostHocEMA, dict]:
+    """The trajectory run with snapshots; also the live EMA weights at iteration 1000, kept aside."""
+    model = student()
+    trainer = follow(model, trajectory)
+    posthoc = PostHocEMA(
+        model, (0.05, 0.10), snapshot_every=snapshot_every, snapshot_dir=tmp_path / "snapshots",
+        snapshot_dtype=snapshot_dtype,
+    )  # fmt: skip
+    posthoc.attach(trainer)
+    kept: dict[int, list[Tensor]] = {}
+
+    def keep(engine: Engine) -> None:
+        kept[engine.state.iteration] = [m.weight.detach()[0].clone() for m in posthoc.ema_models]
+
+    trainer.add_event_handler(Events.ITERATION_COMPLETED(once=1000), keep)
+    trainer.add_event_handler(Events.COMPLETED, keep)
+    trainer.run(range(T), max_epochs=1)
+    return posthoc, kept
+
+
+def test_a_tracked_sigma_rel_is_reconstructed_as_its_own_ema(tmp_path: Path) -> None:
+    posthoc, kept = _tracked_run(tmp_path, snapshot_every=100, snapshot_dtype=torch.float16)
+    for iteration in (1000, T):
+        got = posthoc.reconstruct([0.05, 0.10], iteration=iteration)
+        for result, live in zip(got, kept[iteration], strict=True):
+            # The fit is the snapshot itself (coefficients e_j up to ~1e-11): what is left is float16's rounding,
+            # at most half a step, 2^-11 of the value.
+            bound = 2.0**-11 * live.abs() + 1e-9
+            assert ((result["weight"][0] - live).abs() <= bound).all(), iteration
+            assert result["weight"].dtype == torch.float32  # float16 snapshots are added up in float32
+    # The same from the directory alone, in one call per target.
+    from_dir = reconstruct_from_snapshots(posthoc.snapshot_dir, 0.05, model=student())
+    assert torch.equal(from_dir["weight"], posthoc.reconstruct(0.05)["weight"])
+
+
+def _profile_residual(times: Sequence[int], target_sigma: float, cells_per_iteration: int = 10) -> float:
+    """||sum_i x_i p_i - p*||_2 of the normalised least-squares fit, by midpoint quadrature (its own fit)."""
+    tau = (np.arange(T * cells_per_iteration) + 0.5) / cells_per_iteration
+
+    def profile(t: float, sigma: float) -> np.ndarray:
+        g = sigma_rel_to_gamma(sigma)
+        return np.where(tau <= t, (g + 1) * (tau / t) ** g / t, 0.0)
+
+    basis = np.stack([profile(t, s) for t in times for s in (0.05, 0.10)])
+    target = profile(T, target_sigma)
+    x = np.linalg.lstsq(basis.T, target, rcond=None)[0]
+    residual = (x / x.sum()) @ basis - target
+    return math.sqrt(float((residual**2).sum()) / cells_per_iteration)
+
+
+def test_an_untracked_sigma_rel_matches_the_power_ema_and_improves_with_denser_snapshots(tmp_path: Path) -> None:
+    posthoc, _ = _tracked_run(tmp_path, snapshot_every=50, snapshot_dtype=None)  # float64: no rounding to speak of
+    thetas = torch.stack([trajectory(t) for t in range(1, T + 1)])
+    theta_norm = thetas.pow(2).sum(0).sqrt()  # ||theta_j||_2 over [0, T]: the student holds theta(t) on (t-1, t]
+    errors: dict[float, list[float]] = {0.07: [], 0.15: []}
+    for every in (500, 200, 100, 50):
+        subset = tmp_path / f"every-{every}"
+        subset.mkdir()
+        for info in posthoc.snapshots:
+            if info.iteration % every == 0:
+                shutil.copy(info.path, subset)
+        got = reconstruct_from_snapshots(subset, [0.07, 0.15], model=student())
+        for sigma, result in zip((0.07, 0.15), got, strict=True):
+            want = power_ema(list(thetas), list(range(1, T + 1)), sigma_rel_to_gamma(sigma))  # tracked every step
+            error = (result["weight"][0] - want).abs()
+            # Every snapshot and the target are integrals of their profile against the same step function theta,
+            # so the error is <r, theta> for the profile residual r, at most ||r|| ||theta|| (Cauchy-Schwarz).
+            bound = _profile_residual(range(every, T + 1, every), sigma) * theta_norm
+            assert (error <= bound).all(), (every, sigma, error, bound)
+            errors[sigma].append(float(error.max()))
+    for sigma, series in errors.items():
+        assert all(a > b for a, b in itertools.pairwise(series)), (sigma, series)  # denser snapshots, smaller error
+        assert series[-1] < 1e-4 * float(thetas.abs().max()), (sigma, series)  # 5e-6 and 1.1e-5 when written
+
+
+def test_snapshots_of_another_dtype_mid_run_are_added_by_name(tmp_path: Path) -> None:
+    # float32, float64, float32 weights: float16 snapshots pack all three into one buffer, float32/64 ones into two,
+    # so after the switch the earlier files no longer line up with the accumulators and are added tensor by tensor.
+    # The target is just after the switch, where the earlier files weigh most.
+    model = nn.Sequential(
+        nn.Linear(2, 3, bias=False), nn.Linear(3, 2, bias=False).double(), nn.Linear(2, 1, bias=False)
+    )
+
+    def run(posthoc: PostHocEMA, first: int) -> None:
+        def step(engine: Engine, batch: object) -> None:
+            with torch.no_grad():
+                for k, p in enumerate(model.parameters()):
+                    p.fill_(float(trajectory(first + engine.state.iteration, 1000)[k]))
+
+        trainer = Engine(step)
+        posthoc.attach(trainer)
+        trainer.run(range(500), max_epochs=1)
+
+    arguments = {"sigma_rels": (0.05, 0.10), "snapshot_every": 50, "snapshot_dir": tmp_path}
+    before = PostHocEMA(model, **arguments, snapshot_dtype=torch.float16)  # type: ignore[arg-type]
+    run(before, 0)
+    after = PostHocEMA(model, **arguments, snapshot_dtype=None)  # type: ignore[arg-type]
+    after.load_state_dict(before.state_dict())
+    run(after, 500)  # a new run of an engine: the handler's clock goes on from 500
+    assert [i.iteration for i in after.snapshots][-2:] == [1000, 1000]
+    got = reconstruct_from_snapshots(tmp_path, 0.07, iteration=550, model=model)
+    series = [trajectory(t, 1000) for t in range(1, 551)]
+    want = power_ema(series, list(range(1, 551)), sigma_rel_to_gamma(0.07))
+    for k, name in enumerate(("0.weight", "1.weight", "2.weight")):
+        # float16 rounds values below 1.5 by up to 7e-4, and the coefficients' absolute sum is about 1.5; the fit
+        # at 11 snapshot iterations adds less. (Measured: 2e-5 to 5e-4; adding a neighbour's values instead: 3e-2.)
+        assert float((got[name] - want[k]).abs().max()) < 2e-3, name
+
+
+def test_buffers_follow_the_mode(tmp_path: Path) -> None:
+    batches = image_batches(30)
+    finals = {}
+    for mode in ("copy", "update"):
+        torch.manual_seed(0)
+        model = BNNet()
+
+        def step(engine: Engine, x: Tensor, model: nn.Module = model) -> None:
+            model.zero_grad()
+            model(x).pow(2).mean().backward()
+            with torch.no_grad():  # plain SGD; torch.optim would import torch._dynamo, a second or more
+                for p in model.parameters():
+                    p -= 0.1 * p.grad
+
+        trainer = Engine(step)
+        posthoc = PostHocEMA(model, (0.05, 0.10), snapshot_every=10, snapshot_dir=tmp_path / mode, handle_buffers=mode)
+        posthoc.attach(trainer)
+        trainer.run(batches, max_epochs=1)
+        got = posthoc.reconstruct(0.07)
+        finals[mode] = (model, posthoc, got)
+        assert torch.equal(got["bn.num_batches_tracked"], model.bn.num_batches_tracked)  # integer: copied
+    model, _, got = finals["copy"]
+    assert torch.equal(got["bn.running_mean"], model.bn.running_mean)  # the student's, at the last snapshot
+    model, posthoc, got = finals["update"]
+    assert not torch.allclose(got["bn.running_mean"], model.bn.running_mean, atol=1e-3)  # averaged instead
+    tracked = posthoc.reconstruct(0.10)["bn.running_mean"]
+    live = posthoc.ema_models[1].bn.running_mean
+    assert ((tracked - live).abs() <= 2.0**-11 * live.abs() + 1e-9).all()
+
+
+def test_a_reconstruction_loads_into_a_fresh_model_and_several_targets_take_one_pass(tmp_path: Path) -> None:
+    posthoc, _ = _tracked_run(tmp_path, snapshot_every=250, snapshot_dtype=torch.float16)
+    one_by_one = [posthoc.reconstruct(s, iteration=1000) for s in (0.03, 0.2)]
+    together = posthoc.reconstruct([0.03, 0.2], iteration=1000)
+    for a, b in zip(one_by_one, together, strict=True):  # the same, up to LAPACK solving two columns at once
+        torch.testing.assert_close(a["weight"], b["weight"], rtol=1e-12, atol=1e-12)
+    fresh = student(torch.float32)
+    assert load_reconstruction(fresh, together[1]) is fresh
+    assert torch.equal(fresh.weight.detach(), together[1]["weight"].float())
+    other = nn.Linear(3, 1, bias=False)
+    before = other.weight.detach().clone()
+    with pytest.raises(ValueError, match=r"tensor 'weight' has shape \(1, 6\) in the reconstruction, \(1, 3\) in"):
+        load_reconstruction(other, together[1])
+    assert torch.equal(other.weight.detach(), before)
+
+
+# ---------------------------------------------------------------------- bad input
+
+
+def test_reconstruction_errors_name_what_is_wrong(tmp_path: Path) -> None:
+    posthoc, _ = _tracked_run(tmp_path, snapshot_every=500, snapshot_dtype=torch.float16)
+    directory = posthoc.snapshot_dir
+    with pytest.raises(ValueError, match=r"iteration 499 is before the first snapshot \(iteration 500\)"):
+        posthoc.reconstruct(0.07, iteration=499)
+    with pytest.raises(ValueError, match=r"iteration 700 is not a snapshot iteration; the nearest are 500 and 1000"):
+        reconstruct_from_snapshots(directory, 0.07, iteration=700, model=student())
+    with pytest.raises(ValueError, match=r"iteration 2001 is after the last snapshot \(iteration 2000\)"):
+        posthoc.reconstruct(0.07, iteration=2001)
+    with pytest.raises(ValueError, match=r"sigma_rel\[1\] must lie in"):
+        posthoc.reconstruct([0.07, 0.5])
+    with pytest.raises(
+        ValueError, match=r"tensor 'weight' has shape \(1, 6\) in the snapshot 'phema-0000000500-0-0.05.pt', \(1, 5\)"
+    ):
+        reconstruct_from_snapshots(directory, 0.07, model=nn.Linear(5, 1, bias=False))
+    with pytest.raises(
+        ValueError,
+        match=r"the snapshot 'phema-0000000500-0-0.05.pt' has no tensor 'bias' \(shape \(1,\)\), which the model has",
+    ):
+        reconstruct_from_snapshots(directory, 0.07, model=nn.Linear(6, 1, bias=True))
+    with pytest.raises(FileNotFoundError, match=r"snapshot_dir '.*nowhere' does not exist"):
+        reconstruct_from_snapshots(tmp_path / "nowhere", 0.07, model=student())
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("not a snapshot")
+    with pytest.raises(ValueError, match=r"holds no PostHocEMA snapshots"):
+        list_snapshots(tmp_path / "empty")
+    fresh = PostHocEMA(student(), (0.05, 0.10), snapshot_every=5, snapshot_dir=tmp_path / "fresh")
+    with pytest.raises(ValueError, match="there are no snapshots yet"):
+        fresh.reconstruct(0.07)
+
+
+def test_bad_arguments_are_refused_before_anything_is_built(tmp_path: Path) -> None:
+    model = student()
+    cases: list[tuple[dict[str, object], type[Exception], str]] = [
+        ({"sigma_rels": (0.05, 0.05)}, ValueError, "has a width twice"),
+        ({"sigma_rels": ()}, ValueError, "sigma_rels is empty"),
+        ({"sigma_rels": 0.05}, TypeError, "must be a sequence of widths"),
+        ({"snapshot_every": 0}, ValueError, "snapshot_every must be at least 1; found 0"),
+        ({"snapshot_every": 2.5}, TypeError, "snapshot_every must be an int; found float"),
+        ({"snapshot_every": "5 parsecs"}, ValueError, r"look like '500it', '2ep' or '0.05dur'.*found '5 parsecs'"),
+        ({"snapshot_dtype": torch.int8}, TypeError, "snapshot_dtype must be a floating torch.dtype"),
+        ({"handle_buffers": "ema_train"}, ValueError, "post-hoc EMAs run none"),
+        ({"handle_buffers": "avg"}, ValueError, "can only be 'copy' or 'update'; found 'avg'"),
+    ]
+    for change, error, match in cases:
+        arguments: dict[str, object] = {
+            "sigma_rels": (0.05, 0.10), "snapshot_every": 10, "snapshot_dir": tmp_path / "s", **change
+        }  # fmt: skip
+        with pytest.raises(error, match=match):
+            PostHocEMA(model, **arguments)  # type: ignore[arg-type]
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(NotADirectoryError, match="exists and is not a directory"):
+        PostHocEMA(model, snapshot_every=10, snapshot_dir=tmp_path / "a-file")
+    assert not (tmp_path / "s").exists()  # nothing was created on the way
+
+
+def test_attach_validates_first_and_takes_one_engine(tmp_path: Path) -> None:
+    model = student()
+    trainer = follow(model, trajectory)
+    posthoc = PostHocEMA(model, snapshot_every=10, snapshot_dir=tmp_path)
+    with pytest.raises(ValueError):
+        posthoc.attach(trainer, event="not an event")
+    assert not trainer.has_event_handler(posthoc._update) and not trainer.has_event_handler(posthoc._on_started)
+    posthoc.attach(trainer)  # the failed call left nothing behind
+    with pytest.raises(RuntimeError, match="attached to another engine already"):
+        posthoc.attach(follow(model, trajectory))
+
+
+def test_a_directory_with_another_runs_snapshots_is_refused_and_left_alone(tmp_path: Path) -> None:
+    def run(iterations: int) -> Engine:
+        model = student()
+        trainer = follow(model, trajectory)
+        PostHocEMA(model, snapshot_every=10, snapshot_dir=tmp_path).attach(trainer)
+        trainer.run(range(iterations), max_epochs=1)
+        return trainer
+
+    run(30)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    with pytest.raises(
+        ValueError, match=r"holds 'phema-0000000010-0-0.05.pt', a snapshot that this PostHocEMA did not"
+    ):
+        run(30)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_load_state_dict_is_all_or_nothing(tmp_path: Path) -> None:
+    model = student()
+    trainer = follow(model, trajectory)
+    posthoc = PostHocEMA(model, snapshot_every=10, snapshot_dir=tmp_path / "a")
+    posthoc.attach(trainer)
+    trainer.run(range(25), max_epochs=1)
+    state = posthoc.state_dict()
+    other = PostHocEMA(student(), (0.05, 0.2), snapshot_every=10, snapshot_dir=tmp_path / "b")
+    with pytest.raises(ValueError, match=r"sigma_rels \(0.05, 0.1\), this one tracks \(0.05, 0.2\)"):
+        other.load_state_dict(state)
+    same = PostHocEMA(student(), snapshot_every=10, snapshot_dir=tmp_path / "b")
+    broken = {**state, "emas": [state["emas"][0], {**state["emas"][1], "tensors": {}}]}
+    before = same.ema_models[0].weight.detach().clone()
+    with pytest.raises(ValueError, match="has no tensor 'weight'"):
+        same.load_state_dict(broken)
+    assert torch.equal(same.ema_models[0].weight.detach(), before) and same.snapshots == []
+    same.load_state_dict(state)
+    assert [i.iteration for i in same.snapshots] == [10, 10, 20, 20, 25, 25]  # and the run's end
+
+
+# ---------------------------------------------------------------------- resume
+
+
+def test_resume_through_checkpoint_in_a_fresh_process_is_bit_identical(tmp_path: Path) -> None:
+    assert run_phase("first", tmp_path) is None  # checkpoints at 17, crashes at 26
+    command = [sys.executable, "-m", "tests.posthoc_resume_job", "resume", str(tmp_path)]
+    subprocess.run(command, check=True, cwd=ROOT)  # a fresh process: only the files carry over
+    full = run_phase("full", tmp_path)  # the same job, never stopped
+    resumed = torch.load(tmp_path / "resume.pt", weights_only=True)
+    assert full is not None
+    a, b = full["state"], resumed["state"]
+    assert a["snapshots"] == b["snapshots"] and [r["iteration"] for r in a["snapshots"]] == [
+        12,
+        12,
+        21,
+        21,
+        30,
+        30,
+        39,
+        39,
+    ]
+    assert a["last_update_iteration"] == b["last_update_iteration"] == 39
+    for ema_a, ema_b in zip(a["emas"], b["emas"], strict=True):
+        for name, tensor in ema_a["tensors"].items():
+            assert torch.equal(tensor, ema_b["tensors"][name]), name
+    for model_a, model_b in zip(full["ema_models"], resumed["ema_models"], strict=True):
+        assert all(torch.equal(t, model_b[n]) for n, t in model_a.items())
+    assert full["momenta"][-len(resumed["momenta"]) :] == resumed["momenta"]
+    # The crash had written the snapshots at 21 after the checkpoint at 17: removed on resume, then written again.
+    assert any("removed 2 snapshot(s) of this run" in w for w in resumed["warnings"]), resumed["warnings"]
+    for record in a["snapshots"]:
+        want = torch.load(tmp_path / "snapshots-full" / record["file"], weights_only=True)
+        got = torch.load(tmp_path / "snapshots" / record["file"], weights_only=True)
+        assert {k: v for k, v in want.items() if k not in ("buffers", "run_id")} == {
+            k: v for k, v in got.items() if k not in ("buffers", "run_id")
+        }
+        assert all(torch.equal(t, got["buffers"][n]) for n, t in want["buffers"].items()), record["file"]
+    assert len(list_snapshots(tmp_path / "snapshots")) == 8  # one run, as far as the reader can tell
+
+
+# ---------------------------------------------------------------------- docs
+
+
+def test_the_usage_block_in_the_docs_runs_as_written() -> None:
+    text = (ROOT / "docs" / "posthoc.md").read_text()
+    block = re.search(r"```python\n(.*?)```", text, re.DOTALL)
+    assert block is not None
+    with no_warnings():
+        exec(compile(block[1], "docs/posthoc.md", "exec"), {"__name__": "docs_posthoc"})
+
+
+# ---------------------------------------------------------------------- the example
+
+
+def test_the_digits_example_runs_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # --quick takes about 20 s in a fresh interpreter; the same code on 60 iterations, called directly.
+    from examples.posthoc.cli import main
+
+    (result,) = main(["--iters", "60", "--seeds", "1", "--no-progress", "--out", str(tmp_path)])
+    png = (tmp_path / "posthoc_digits.png").read_bytes()
+    assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 10_000
+    assert len(list_snapshots(tmp_path / "snapshots-seed0")) == 2 * 30  # 0.025dur of 60 iterations: every 2
+    for sigma, direct in result.tracked.items():  # the tracked widths come back as themselves (float16 snapshots)
+        assert result.reconstructed[sigma].nll == pytest.approx(direct.nll, rel=2e-3), sigma
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert list(saved[0]["reconstructed"]) == [f"{s:.2f}" for s in GRID]
+    out = capsys.readouterr().out
+    assert "| 0.05 | 0.00% |" in out and "lowest mean test NLL at sigma_rel" in out
