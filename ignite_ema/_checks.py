@@ -11,10 +11,19 @@ import math
 import numbers
 import sys
 import warnings
+from collections.abc import Mapping
 
 import torch
 
-__all__ = ["check_bool", "check_count", "check_device", "check_fraction", "check_real", "warn_at_caller"]
+__all__ = [
+    "check_bool",
+    "check_count",
+    "check_device",
+    "check_fraction",
+    "check_real",
+    "check_same_shapes",
+    "warn_at_caller",
+]
 
 
 def check_real(name: str, value: object) -> float:
@@ -91,3 +100,24 @@ def warn_at_caller(message: str) -> None:
         frame = frame.f_back
         level += 1
     warnings.warn(message, UserWarning, stacklevel=level)
+
+
+def check_same_shapes(
+    expected: Mapping[str, torch.Size],
+    found: Mapping[str, torch.Size],
+    what: str,
+    *,
+    hint: str,
+    reference: str = "the EMA model",
+) -> None:
+    """Raise ValueError naming the first tensor missing, extra or of another shape, with ``hint``: what to do."""
+    for name, shape in expected.items():
+        if name not in found:
+            raise ValueError(f"{what} has no tensor '{name}' (shape {tuple(shape)}), which {reference} has: {hint}")
+        if found[name] != shape:
+            raise ValueError(
+                f"tensor '{name}' has shape {tuple(found[name])} in {what}, {tuple(shape)} in {reference}: {hint}"
+            )
+    for name, shape in found.items():
+        if name not in expected:
+            raise ValueError(f"{what} has a tensor '{name}' (shape {tuple(shape)}) that {reference} lacks: {hint}")

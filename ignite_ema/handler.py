@@ -18,6 +18,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from ignite_ema._checks import check_bool, check_count, check_fraction, check_real, warn_at_caller
+from ignite_ema._engine import EngineClock, attach_update
 from ignite_ema.model_ema import ModelEMA
 from ignite_ema.schedules import HalfLife, MomentumSchedule, momentum_from_half_life
 
@@ -213,10 +214,8 @@ class EMAHandler(Serializable):
         self._sync_buffers = sync_buffers
 
         self._num_averaged = 0
-        self._last_update_iteration = 0  # on the handler's clock: iteration_offset + the engine's iteration
         self._num_skipped = 0
-        self._iteration_offset = 0
-        self._restored = False
+        self._clock = EngineClock()  # the iterations of the schedule: the engine's, going on across runs
         self._engine: Engine | None = None
         self._probe: _ForwardProbe | None = None
         self._probe_handle: RemovableHandle | None = None
@@ -244,29 +243,10 @@ class EMAHandler(Serializable):
             event: when to update, e.g. ``Events.ITERATION_COMPLETED(every=4)``.
                 Warm-ups and half-life count iterations, not updates.
         """
-        if not isinstance(engine, Engine):
-            raise TypeError(f"attach expects an ignite Engine; found {type(engine).__name__}")
-        if not isinstance(name, str) or not name.isidentifier():
-            raise ValueError(f"name must be a valid attribute name for engine.state; found {name!r}")
-        if self._engine is not None:
-            where = "this engine" if self._engine is engine else "another engine"
-            raise RuntimeError(
-                f"this EMAHandler is attached to {where} already: its counters (half-life, warm-ups, skips) "
-                "follow one engine's iterations. Build one handler per engine (load_state_dict() carries an EMA "
-                "over to a new handler)"
-            )
-        # Ignite checks the event here: adding this handler first means that a bad event changes nothing.
-        engine.add_event_handler(event, self._update, name)
-        if hasattr(engine.state, name) and warn_if_exists:
-            warn_at_caller(
-                f"Attribute '{name}' already exists in Engine.state. It might be because 1. the engine has "
-                f"loaded its state dict or 2. {name} is already created by another handler. Turn off this "
-                "warning by setting warn_if_exists to False."
-            )
+        self._engine = attach_update("EMAHandler", engine, self._engine, self._update, name, warn_if_exists, event)
         setattr(engine.state, name, self.momentum if self._constant else None)
         if self._skip_nonfinite:
             setattr(engine.state, f"{name}_skipped", self._num_skipped)
-        self._engine = engine
         engine.add_event_handler(Events.STARTED, self._on_started, name)
         engine.add_event_handler(Events.ITERATION_STARTED, self._on_iteration_started)
         engine.add_event_handler(Events.ITERATION_COMPLETED, self._remove_probe)
@@ -280,13 +260,8 @@ class EMAHandler(Serializable):
             self.momentum = momentum_from_half_life(self._schedule.half_life, 1)
         if self._skip_nonfinite:  # after load_state_dict, the restored count
             setattr(engine.state, f"{name}_skipped", self._num_skipped)
-        clock = self._iteration_offset + engine.state.iteration
-        if clock < self._last_update_iteration:
-            # A new run of the engine restarts its count: the handler's clock goes on from its last update, so
-            # warm-ups and the start phase happen once per handler and the next delta is counted from there.
-            self._iteration_offset = self._last_update_iteration - engine.state.iteration
-        elif engine.state.iteration > 0 and self._last_update_iteration == 0 and not self._restored:
-            self._last_update_iteration = clock  # delta counted from where the run resumed
+        if self._clock.start_run(engine):
+            self._clock.last_update = self._clock.now(engine)  # delta counted from where the run resumed
             self._warn_once(
                 "not_restored",
                 f"the engine resumes at iteration {engine.state.iteration}, but this EMAHandler has never updated "
@@ -331,7 +306,7 @@ class EMAHandler(Serializable):
             self._probe_handle = None
 
     def _update(self, engine: Engine, name: str) -> None:
-        iteration = self._iteration_offset + engine.state.iteration
+        iteration = self._clock.now(engine)
         if self._skip_nonfinite and (nonfinite := self._ema.nonfinite_student()) is not None:
             self._num_skipped += 1
             setattr(engine.state, f"{name}_skipped", self._num_skipped)
@@ -345,13 +320,13 @@ class EMAHandler(Serializable):
             self._check_teacher()
             return
         assert self._schedule is not None  # built at STARTED, which comes first
-        momentum = self._schedule(iteration, self._last_update_iteration, self._num_averaged)
+        momentum = self._schedule(iteration, self._clock.last_update, self._num_averaged)
         if iteration <= self._schedule.start_iteration:
             self._ema.copy_student()
         else:
             self._ema.update(momentum)
             self._num_averaged += 1
-        self._last_update_iteration = iteration
+        self._clock.last_update = iteration
         setattr(engine.state, name, momentum)
         if self._sync_buffers == "update":
             self._ema.average_buffers_across_ranks()
@@ -445,12 +420,7 @@ class EMAHandler(Serializable):
         return {**self._counters(), **self._ema.sharded_state_dict()}
 
     def _counters(self) -> dict[str, int]:
-        return {
-            "num_averaged": self._num_averaged,
-            "last_update_iteration": self._last_update_iteration,
-            "num_skipped": self._num_skipped,
-            "iteration_offset": self._iteration_offset,
-        }
+        return {"num_averaged": self._num_averaged, "num_skipped": self._num_skipped, **self._clock.state_dict()}
 
     def model_state_dict(self) -> dict[str, torch.Tensor]:
         """The EMA's weights as a state dict of the model (whole tensors): see
@@ -467,10 +437,8 @@ class EMAHandler(Serializable):
                 raise ValueError(f"EMAHandler state '{key}' must be a non-negative int; found {value!r}")
         self._ema.load_state_dict(state_dict)  # checks everything before it copies anything
         self._num_averaged = state_dict["num_averaged"]
-        self._last_update_iteration = state_dict["last_update_iteration"]
         self._num_skipped = state_dict["num_skipped"]
-        self._iteration_offset = state_dict["iteration_offset"]
-        self._restored = True
+        self._clock.load_state_dict(state_dict)
 
 
 def _check_power_warmup(power_warmup: object, mean_teacher: bool) -> tuple[float, float] | None:

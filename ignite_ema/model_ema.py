@@ -37,7 +37,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.lazy import LazyModuleMixin
 
-from ignite_ema._checks import check_device, warn_at_caller
+from ignite_ema._checks import check_device, check_same_shapes, warn_at_caller
 from ignite_ema.averaging import (
     FiniteCheck,
     ShadowAverager,
@@ -243,6 +243,11 @@ class ModelEMA:
         return target if dtype == target.dtype else target.to(dtype=dtype, copy=True)
 
     @property
+    def averaged_names(self) -> tuple[str, ...]:
+        """The tensors that updates average (the others are copied, or left to the EMA model in "ema_train")."""
+        return tuple(self._averaged)
+
+    @property
     def has_statistics(self) -> bool:
         """Whether the EMA model has floating buffers (BatchNorm statistics, say)."""
         return self._has_statistics
@@ -268,7 +273,7 @@ class ModelEMA:
         """
         reshard(self._sharded_student)
         student = named_tensors(self.model)
-        _check_same_names_and_shapes(
+        check_same_shapes(
             self._shapes,
             {n: t.shape for n, t in student.items()},
             "the student",
@@ -523,7 +528,7 @@ class ModelEMA:
         saved = state_dict["tensors"]
         if not isinstance(saved, Mapping) or not all(isinstance(t, Tensor) for t in saved.values()):
             raise ValueError("the EMA state's 'tensors' must map names to tensors")
-        _check_same_names_and_shapes(
+        check_same_shapes(
             self._shapes,
             {n: t.shape for n, t in saved.items()},
             "the saved state",
@@ -584,7 +589,7 @@ def _check_caller_ema_model(student_module: nn.Module, ema_model: nn.Module, stu
     if ema_model is student_module:
         raise ValueError("ema_model is the student itself: pass a separate module (a second instance of the model)")
     ema = named_tensors(ema_model)
-    _check_same_names_and_shapes(
+    check_same_shapes(
         {n: t.shape for n, t in student.items()},
         {n: t.shape for n, t in ema.items()},
         "ema_model",
@@ -618,24 +623,3 @@ def _holds(wide: torch.dtype, narrow: torch.dtype) -> bool:
     """Whether ``wide`` is a floating (or complex) dtype that represents every ``narrow`` value."""
     floating = (wide.is_floating_point or wide.is_complex) and (narrow.is_floating_point or narrow.is_complex)
     return floating and torch.promote_types(wide, narrow) == wide
-
-
-def _check_same_names_and_shapes(
-    expected: Mapping[str, torch.Size],
-    found: Mapping[str, torch.Size],
-    what: str,
-    *,
-    hint: str,
-    reference: str = "the EMA model",
-) -> None:
-    """Raise ValueError naming the first tensor missing, extra or of another shape, with ``hint``: what to do."""
-    for name, shape in expected.items():
-        if name not in found:
-            raise ValueError(f"{what} has no tensor '{name}' (shape {tuple(shape)}), which {reference} has: {hint}")
-        if found[name] != shape:
-            raise ValueError(
-                f"tensor '{name}' has shape {tuple(found[name])} in {what}, {tuple(shape)} in {reference}: {hint}"
-            )
-    for name, shape in found.items():
-        if name not in expected:
-            raise ValueError(f"{what} has a tensor '{name}' (shape {tuple(shape)}) that {reference} lacks: {hint}")

@@ -25,7 +25,8 @@ from ignite.handlers import DiskSaver
 from torch import Tensor, nn
 
 from ignite_ema._checks import check_count, warn_at_caller
-from ignite_ema.model_ema import ModelEMA, _is_averaged, named_tensors
+from ignite_ema._engine import EngineClock, attach_update
+from ignite_ema.model_ema import ModelEMA, named_tensors
 from ignite_ema.posthoc_math import check_sigma_rel, power_momentum, sigma_rel_to_gamma
 from ignite_ema.posthoc_reconstruct import reconstruct_listed, target_sigma_rels
 from ignite_ema.posthoc_snapshots import (
@@ -148,18 +149,14 @@ class PostHocEMA(Serializable):
         self.gammas = tuple(sigma_rel_to_gamma(s) for s in self.sigma_rels)
         self.handle_buffers = handle_buffers
         self.snapshot_dtype = snapshot_dtype
+        self._averaged = self._emas[0].averaged_names
         # From the student, whose tensors the EMAs pair by name (an EMA may keep no module of its own).
-        params = {n for n, _ in self.model.named_parameters()}
-        tensors = named_tensors(self.model)
-        self._averaged = tuple(n for n, t in tensors.items() if _is_averaged(n in params, t, handle_buffers))
-        self._shapes = {n: tuple(t.shape) for n, t in tensors.items()}
+        self._shapes = {n: tuple(t.shape) for n, t in named_tensors(self.model).items()}
 
         self._run_id = uuid.uuid4().hex  # tells this run's snapshots from another's in the same directory
         self._records: list[dict[str, Any]] = []
-        self._last_update_iteration = 0  # on the handler's clock: iteration_offset + the engine's iteration
-        self._iteration_offset = 0
+        self._clock = EngineClock()  # the engine's iterations, going on across runs
         self._every: int | None = None  # snapshot_every in iterations, resolved when a run starts
-        self._restored = False
         self._engine: Engine | None = None
         self._saver: DiskSaver | None = None
 
@@ -181,25 +178,8 @@ class PostHocEMA(Serializable):
             warn_if_exists: warn if ``engine.state`` already has ``name``.
             event: when to update, e.g. ``Events.ITERATION_COMPLETED(every=4)``.
         """
-        if not isinstance(engine, Engine):
-            raise TypeError(f"attach expects an ignite Engine; found {type(engine).__name__}")
-        if not isinstance(name, str) or not name.isidentifier():
-            raise ValueError(f"name must be a valid attribute name for engine.state; found {name!r}")
-        if self._engine is not None:
-            where = "this engine" if self._engine is engine else "another engine"
-            raise RuntimeError(
-                f"this PostHocEMA is attached to {where} already: its EMAs and snapshots follow one engine's "
-                "iterations. Build one PostHocEMA per engine"
-            )
-        # Ignite checks the event here: adding this handler first means that a bad event changes nothing.
-        engine.add_event_handler(event, self._update, name)
-        if hasattr(engine.state, name) and warn_if_exists:
-            warn_at_caller(
-                f"Attribute '{name}' already exists in Engine.state: another handler (or a loaded state) set it. "
-                "Give this PostHocEMA another name, or pass warn_if_exists=False"
-            )
+        self._engine = attach_update("PostHocEMA", engine, self._engine, self._update, name, warn_if_exists, event)
         setattr(engine.state, name, None)
-        self._engine = engine
         engine.add_event_handler(Events.STARTED, self._on_started)
         engine.add_event_handler(Events.COMPLETED, self._on_completed)
 
@@ -208,11 +188,7 @@ class PostHocEMA(Serializable):
             ema.rebind()
             ema.check_outside_writes()
         self._every = self._resolve_every(engine)
-        clock = self._iteration_offset + engine.state.iteration
-        if clock < self._last_update_iteration:
-            # A new run of the engine restarts its count: the clock goes on from the last update.
-            self._iteration_offset = self._last_update_iteration - engine.state.iteration
-        elif engine.state.iteration > 0 and self._last_update_iteration == 0 and not self._restored:
+        if self._clock.start_run(engine):
             warn_at_caller(
                 f"the engine resumes at iteration {engine.state.iteration}, but this PostHocEMA has neither updated "
                 "nor loaded its state: its first update copies the student, which then stands for every iteration "
@@ -230,22 +206,14 @@ class PostHocEMA(Serializable):
         end = state.max_iters
         if end is None and state.epoch_length is not None and state.max_epochs is not None:
             end = state.epoch_length * state.max_epochs
-        if end is not None and state.iteration >= end and self._last_update_iteration > 0:
+        if end is not None and state.iteration >= end and self._clock.last_update > 0:
             self.snapshot()
 
     def _resolve_every(self, engine: Engine) -> int:
         spec = self._snapshot_every
         if isinstance(spec, int):
             return spec
-        try:
-            iterations = spec.in_iterations(engine.state.epoch_length, engine.state.max_epochs)
-        except ValueError:
-            raise ValueError(
-                f"snapshot_every={spec.value:g}{spec.unit} needs the run's epoch_length"
-                + (" and max_epochs" if spec.unit == "dur" else "")
-                + ", which the engine does not know: pass epoch_length to engine.run(), or give snapshot_every in "
-                "iterations"
-            ) from None
+        iterations = spec.in_iterations(engine.state.epoch_length, engine.state.max_epochs)
         return max(1, round(iterations))
 
     def _check_directory(self) -> None:
@@ -262,7 +230,7 @@ class PostHocEMA(Serializable):
         stale = []
         for name in sorted(present.keys() - listed):
             info = read_snapshot_info(present[name])
-            if info.run_id != self._run_id or info.iteration <= self._last_update_iteration:
+            if info.run_id != self._run_id or info.iteration <= self._clock.last_update:
                 raise ValueError(
                     f"snapshot_dir '{directory}' holds '{name}', a snapshot that this PostHocEMA did not write "
                     f"(iteration {info.iteration}, run {info.run_id[:8]}): give each training run its own "
@@ -275,15 +243,15 @@ class PostHocEMA(Serializable):
         if stale:
             warn_at_caller(
                 f"removed {len(stale)} snapshot(s) of this run from '{directory}', the first '{stale[0]}': they "
-                f"were written after iteration {self._last_update_iteration}, where the run resumes, and are "
+                f"were written after iteration {self._clock.last_update}, where the run resumes, and are "
                 "written again as it goes on"
             )
 
     # ------------------------------------------------------------------ updates and snapshots
 
     def _update(self, engine: Engine, name: str) -> None:
-        iteration = self._iteration_offset + engine.state.iteration
-        delta = iteration - self._last_update_iteration
+        iteration = self._clock.now(engine)
+        delta = iteration - self._clock.last_update
         if delta <= 0:  # two events at one iteration: nothing new to average
             return
         momenta = tuple(power_momentum(g, iteration, delta) for g in self.gammas)
@@ -292,7 +260,7 @@ class PostHocEMA(Serializable):
                 ema.copy_student()
             else:
                 ema.update(momentum)
-        self._last_update_iteration = iteration
+        self._clock.last_update = iteration
         setattr(engine.state, name, momenta)
         assert self._every is not None  # resolved at STARTED, which comes first
         if iteration // self._every > self._last_snapshot_iteration() // self._every:
@@ -308,13 +276,13 @@ class PostHocEMA(Serializable):
         terminate (the snapshot then stands in the state that you checkpoint
         after it).
         """
-        if self._saver is None or self._last_update_iteration == 0:
+        if self._saver is None or self._clock.last_update == 0:
             raise RuntimeError(
                 "this PostHocEMA has no update to snapshot yet: snapshot() writes the EMAs as of their last update "
                 "in a run (of this handler, on its attached engine)"
             )
-        if self._last_snapshot_iteration() < self._last_update_iteration:
-            self._write_snapshots(self._last_update_iteration)
+        if self._last_snapshot_iteration() < self._clock.last_update:
+            self._write_snapshots(self._clock.last_update)
 
     def _write_snapshots(self, iteration: int) -> None:
         assert self._saver is not None  # made at STARTED
@@ -420,8 +388,7 @@ class PostHocEMA(Serializable):
             "run_id": self._run_id,
             "emas": [ema.state_dict() for ema in self._emas],
             "snapshots": [dict(r) for r in self._records],
-            "last_update_iteration": self._last_update_iteration,
-            "iteration_offset": self._iteration_offset,
+            **self._clock.state_dict(),
         }
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
@@ -451,9 +418,7 @@ class PostHocEMA(Serializable):
             ema.load_state_dict(state)
         self._records = records
         self._run_id = state_dict["run_id"]
-        self._last_update_iteration = int(state_dict["last_update_iteration"])
-        self._iteration_offset = int(state_dict["iteration_offset"])
-        self._restored = True
+        self._clock.load_state_dict({k: int(state_dict[k]) for k in _COUNTERS})
 
     def _check_record(self, record: object) -> dict[str, Any]:
         if not isinstance(record, Mapping) or any(k not in record for k in _RECORD_KEYS):
@@ -483,14 +448,7 @@ def _check_sigma_rels(sigma_rels: object) -> tuple[float, ...]:
 
 def _check_snapshot_every(snapshot_every: object) -> int | HalfLife:
     if isinstance(snapshot_every, str):
-        try:
-            return HalfLife.parse(snapshot_every)
-        except ValueError:
-            raise ValueError(
-                "snapshot_every must be a number of iterations or look like '500it', '2ep' or '0.05dur' (a positive "
-                f"number and a unit: it = iterations, ep = epochs, dur = fraction of the run, at most 1); found "
-                f"{snapshot_every!r}"
-            ) from None
+        return HalfLife.parse(snapshot_every, name="snapshot_every")
     return check_count("snapshot_every", snapshot_every, minimum=1)
 
 

@@ -22,8 +22,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ignite_ema._checks import check_count, check_device
-from ignite_ema.model_ema import _check_same_names_and_shapes, named_tensors, unwrap_model
+from ignite_ema._checks import check_count, check_device, check_same_shapes
+from ignite_ema.model_ema import named_tensors, unwrap_model
 from ignite_ema.posthoc_math import check_sigma_rel, sigma_rel_to_gamma, synthesis_coefficients
 from ignite_ema.posthoc_snapshots import AVERAGED, Slot, SnapshotInfo, layout_of, list_snapshots, load_snapshot_data
 
@@ -202,7 +202,7 @@ def _check_against_model(infos: Sequence[SnapshotInfo], module: nn.Module) -> No
     """Names and shapes of every snapshot against the model's; the same tensors averaged in all."""
     shapes = {n: t.shape for n, t in named_tensors(module).items()}
     for info in infos:
-        _check_same_names_and_shapes(
+        check_same_shapes(
             shapes,
             info.shapes,  # type: ignore[arg-type]  # tuples, which compare equal to torch.Size
             f"the snapshot '{info.path.name}'",
@@ -232,7 +232,7 @@ def load_reconstruction(model: nn.Module, tensors: Mapping[str, Tensor]) -> nn.M
     if not isinstance(tensors, Mapping) or not all(isinstance(t, Tensor) for t in tensors.values()):
         raise TypeError("tensors must map names to tensors, as a reconstruction returns")
     targets = named_tensors(unwrap_model(model))
-    _check_same_names_and_shapes(
+    check_same_shapes(
         {n: t.shape for n, t in targets.items()},
         {n: t.shape for n, t in tensors.items()},
         "the reconstruction",

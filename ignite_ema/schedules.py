@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 import numbers
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 __all__ = [
     "HalfLife",
@@ -76,52 +76,54 @@ def power_warmup(momentum: float, num_updates: int, gamma: float, power: float) 
 
 @dataclass(frozen=True)
 class HalfLife:
-    """A half-life in iterations (``"it"``), epochs (``"ep"``) or fractions of the run (``"dur"``)."""
+    """A span of iterations (a half-life, say) given in iterations (``"it"``), epochs (``"ep"``) or fractions of the
+    run (``"dur"``)."""
 
     value: float
     unit: str = "it"
+    name: str = field(default="half_life", compare=False, repr=False)  # the argument's name, for messages
 
     @classmethod
-    def parse(cls, spec: float | int | str) -> HalfLife:
-        """Read ``500``, ``"500it"``, ``"2ep"`` or ``"0.05dur"``.
+    def parse(cls, spec: float | int | str, name: str = "half_life") -> HalfLife:
+        """Read ``500``, ``"500it"``, ``"2ep"`` or ``"0.05dur"``; ``name`` is the argument's, for the messages.
 
         >>> HalfLife.parse("2ep")
         HalfLife(value=2.0, unit='ep')
         """
         if isinstance(spec, bool) or not isinstance(spec, (numbers.Real, str)):
             raise TypeError(
-                f"half_life must be a number of iterations or a string like '500it', '2ep', "
+                f"{name} must be a number of iterations or a string like '500it', '2ep', "
                 f"'0.05dur'; found {type(spec).__name__} {spec!r}"
             )
         if isinstance(spec, str):
             match = _HALF_LIFE.match(spec)
             if match is None:
                 raise ValueError(
-                    f"half_life must look like '500it', '2ep' or '0.05dur' (a positive number and a unit: "
+                    f"{name} must look like '500it', '2ep' or '0.05dur' (a positive number and a unit: "
                     f"it = iterations, ep = epochs, dur = fraction of the run); found {spec!r}"
                 )
             value, unit = float(match["value"]), match["unit"]
         else:
             value, unit = float(spec), "it"
         if not (math.isfinite(value) and value > 0):
-            raise ValueError(f"half_life must be positive and finite; found {spec!r}")
+            raise ValueError(f"{name} must be positive and finite; found {spec!r}")
         if unit == "dur" and value > 1:
-            raise ValueError(f"a half_life in 'dur' is a fraction of the run, at most 1; found {spec!r}")
-        return cls(value, unit)
+            raise ValueError(f"a {name} in 'dur' is a fraction of the run, at most 1; found {spec!r}")
+        return cls(value, unit, name)
 
     def in_iterations(self, epoch_length: int | None, max_epochs: int | None) -> float:
-        """The half-life in iterations, given the attached engine's run length."""
+        """The span in iterations, given the attached engine's run length."""
         if self.unit == "it":
             return self.value
         if epoch_length is None:
             raise ValueError(
-                f"half_life={self.value}{self.unit} needs the engine's epoch_length, which is not known: "
-                "pass epoch_length to engine.run() or give the half-life in iterations"
+                f"{self.name}={self.value:g}{self.unit} needs the engine's epoch_length, which is not known: "
+                f"pass epoch_length to engine.run() or give {self.name} in iterations"
             )
         if self.unit == "ep":
             return self.value * epoch_length
         if max_epochs is None:
-            raise ValueError(f"half_life={self.value}dur needs the engine's max_epochs, which is not known")
+            raise ValueError(f"{self.name}={self.value:g}dur needs the engine's max_epochs, which is not known")
         return self.value * epoch_length * max_epochs
 
 
