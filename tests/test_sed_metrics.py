@@ -45,7 +45,7 @@ from examples.sed_f1.psds import (
     psds,
 )
 
-OUR_FRAME = 0.15625  # 10-s clips, 64 model frames
+OUR_FRAME = 0.15625  # the model frames of this example: 32 per 5-s clip (64 per 10 s)
 
 
 def _roll(frames: int, classes: int, clips: int | None = None) -> Any:

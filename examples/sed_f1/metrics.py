@@ -498,7 +498,7 @@ class SEDScores(Metric):
     summed over processes by Ignite's ``sync_all_reduce`` in a distributed run.
 
     Args:
-        frame_seconds: duration of one frame of ``frame_probs`` (10-s clips, 64 frames: 0.15625).
+        frame_seconds: duration of one frame of ``frame_probs`` (this example: 0.15625).
         threshold: binarisation threshold for frame and clip probabilities.
         segment_seconds: segment length of the segment-based score.
         t_collar: onset collar, and smallest offset collar, of the event-based score, in seconds.
