@@ -81,19 +81,19 @@ def plateau(results: Sequence[RunResult], tolerance: float = 0.015) -> tuple[boo
     """Have every student and every ``ema_train`` teacher plateaued: last two evaluations within ``tolerance``?
 
     Returns the verdict (``None`` when no curve has two evaluations) and the largest change in event F1 between
-    the last two evaluations, with where it is.
+    the last two evaluations, with where it is, for the students and for the teachers.
     """
-    changes = []
+    changes: dict[str, list[tuple[float, str]]] = {"student": [], "teacher": []}
     for r in results:
-        models = ["student"] + (["teacher"] if r.mode == "ema_train" else [])
-        for model in models:
+        for model in ["student"] + (["teacher"] if r.mode == "ema_train" else []):
             points = curve_of(r, model, "event_f1")
             if len(points) >= 2:
-                changes.append((abs(points[-1][1] - points[-2][1]), f"{r.name} {model}, seed {r.seed}"))
-    if not changes:
+                changes[model].append((abs(points[-1][1] - points[-2][1]), f"{r.name} {model}, seed {r.seed}"))
+    found = [max(c) for c in changes.values() if c]
+    if not found:
         return None, "fewer than two evaluations"
-    worst, where = max(changes)
-    return worst <= tolerance, f"largest change {100 * worst:.1f} points ({where})"
+    text = "; ".join(f"{model}s at most {100 * max(c)[0]:.1f} ({max(c)[1]})" for model, c in changes.items() if c)
+    return max(found)[0] <= tolerance, text
 
 
 def _gap_line(runs: dict[str, list[RunResult]], name: str, margin: float) -> str:
@@ -136,7 +136,7 @@ def verdict(
     outcome = "SKIP" if settled is None else "PASS" if settled else "FAIL"
     lines = [
         f"{outcome}: the students and the ema_train teachers have plateaued: event F1 of the last two evaluations "
-        f"within {100 * tolerance:.1f} points ({where})"
+        f"within {100 * tolerance:.1f} points (changes: {where})"
     ]
     if "ema_train" not in runs:
         return [*lines, "SKIP: no ema_train run to compare with"]
