@@ -243,7 +243,8 @@ def test_the_command_line_writes_table_json_plot_and_tensorboard(
 
     main(["--quick", "--iters", "100", "--runs", "supervised", "ema_train", "--out", str(quick_out)])
     printed = capsys.readouterr().out
-    assert "| ema_train | 1 |" in printed and "| supervised | 1 |" in printed
+    assert "| ema_train | teacher | 1 |" in printed and "| supervised | student | 1 |" in printed
+    assert "| supervised | teacher" not in printed
     assert "PASS: ema_train teacher" in printed or "FAIL: ema_train teacher" in printed
     assert "min (wall time, data included)" in printed
 
@@ -269,9 +270,9 @@ def test_the_command_line_writes_table_json_plot_and_tensorboard(
 def test_the_convergence_study_writes_its_json_and_plot(quick_out: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = quick_out / "study"
     shutil.copytree(quick_out / "features", out / "features")  # the same --quick data: reused, not made again
-    main(["--study", "convergence", "--quick", "--iters", "100", "--no-progress", "--out", str(out)])
+    main(["--study", "convergence", "--quick", "--iters", "50", "--no-progress", "--out", str(out)])
     printed = capsys.readouterr().out
-    assert "| copy (adam) | 1 |" in printed and "| ema_train (adamw) | 1 |" in printed
+    assert "| copy (adam) | teacher | 1 |" in printed and "| ema_train (adamw) | student | 1 |" in printed
     assert "copy teacher event F1 over the last third of training" in printed
     study = json.loads((out / "convergence.json").read_text())
     assert [(r["name"], r["optimizer"]) for r in study["runs"]] == [

@@ -14,6 +14,7 @@ The runs differ only in what keeps the teacher:
 
 from __future__ import annotations
 
+import math
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -152,10 +153,15 @@ def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimiz
 
 
 def _test_batches(test: SEDSet, batch_size: int = 100) -> list[tuple[Tensor, Tensor]]:
-    """This rank's share of the test set (all of it in a single process): SEDScores sums the counts of all ranks."""
+    """This rank's share of the test set (all of it in a single process): the metrics sum the counts of all ranks.
+
+    At least one batch per rank (the metrics need one on every rank), of at most about ``batch_size`` clips.
+    """
     x, y = torch.from_numpy(test.x), torch.from_numpy(test.y)
-    batches = list(zip(torch.split(x, batch_size), torch.split(y, batch_size), strict=True))
-    return batches[idist.get_rank() :: idist.get_world_size()]
+    world = idist.get_world_size()
+    n_batches = max(world, math.ceil(len(x) / batch_size))
+    batches = list(zip(torch.tensor_split(x, n_batches), torch.tensor_split(y, n_batches), strict=True))
+    return batches[idist.get_rank() :: world]
 
 
 def train_run(
