@@ -32,7 +32,7 @@ writes convergence.json, convergence.md and convergence.png."""
 #: The default job: the report's teacher against the fix, trained until the curves plateau (see docs/sed_f1.md).
 DEFAULT_RUNS = ("ignite-copy", "ema_train")
 DEFAULT = TrainConfig(iterations=2000, eval_every=250, optimizer="adamw", weight_decay=0.1, ema_decay=0.998)
-QUICK = dataclasses.replace(DEFAULT, iterations=300, eval_every=100)
+QUICK = dataclasses.replace(DEFAULT, iterations=200, eval_every=100)
 STUDY = DEFAULT  # both optimisers, everything else as the default job
 STUDY_SEEDS = 2
 DEFAULT_SEEDS = 2  # what 10 minutes on two cores allow (see docs/sed_f1.md)
@@ -65,7 +65,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--data", type=Path, default=None, help="a folder of .npz features instead of synthetic data")
     parser.add_argument("--runs", nargs="+", choices=list(RUNS), default=None, help="runs to compare (default: "
                         f"{' '.join(DEFAULT_RUNS)}; not with --study)")  # fmt: skip
-    parser.add_argument("--quick", action="store_true", help="a smoke run: 1 seed, 300 iterations, smaller data")
+    parser.add_argument("--quick", action="store_true", help="a smoke run: 1 seed, 200 iterations, smaller data")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     if (args.seeds is not None and args.seeds < 1) or args.workers < 1 or args.nproc < 1:
