@@ -1,4 +1,4 @@
-"""SED scores: frame, segment, event and clip micro F1, the functions and the Ignite metric, on hand-worked cases.
+"""SED scores: frame, segment, event and clip micro F1 and macro event F1, the functions and the Ignite metric.
 
 Expected values are worked out in the comments. The comparison with sed_eval
 itself is in tests/sed_eval_check (its own tox env).
@@ -23,15 +23,29 @@ from examples.sed_f1.metrics import (
     clip_counts,
     clip_f1,
     event_counts,
+    event_counts_per_class,
     event_f1,
+    event_f1_macro,
     frame_counts,
     frame_f1,
+    macro_f1,
     segment_counts,
     segment_f1,
 )
 from examples.sed_f1.metrics import _max_matching as max_matching
+from examples.sed_f1.psds import (
+    INTERSECTION_F1,
+    PSDS1,
+    PSDS2,
+    Criteria,
+    PSDSScores,
+    intersection_counts,
+    intersection_f1,
+    psd_roc,
+    psds,
+)
 
-OUR_FRAME = 0.15625  # 10-s clips, 64 model frames
+OUR_FRAME = 0.15625  # the model frames of this example: 32 per 5-s clip (64 per 10 s)
 
 
 def _roll(frames: int, classes: int, clips: int | None = None) -> Any:
@@ -238,58 +252,88 @@ def test_nothing_to_find_and_nothing_found_scores_zero_not_nan() -> None:
 # ----------------------------------------------------------------------------- the Ignite metric
 
 
-def _probabilities(clips: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    gen = torch.Generator().manual_seed(seed)
-    # smooth-ish frame probabilities so that there are runs; a few exactly at the threshold
-    frame_probs = torch.rand(clips, 64, 3, generator=gen).cumsum(dim=1).remainder(2.0).sub(1.0).abs()
-    frame_probs[torch.rand(frame_probs.shape, generator=gen) < 0.05] = 0.5
-    clip_probs = torch.rand(clips, 3, generator=gen)
-    frame_targets = (torch.rand(clips, 64, 3, generator=gen).cumsum(dim=1).remainder(3.0) < 1.0).float()
-    return frame_probs, clip_probs, frame_targets
+def _three_clips() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Three 4-s clips of eight 0.5-s frames and two classes, with every score worked out by hand below.
+
+    clip 0: class 0 reference 0-2 s, estimated 0-2 s; class 1 estimated 3-4 s, no reference
+    clip 1: class 1 reference 1-3 s, estimated 1.5-3 s (onset 0.5 s late: outside the 200-ms collar)
+    clip 2: class 0 reference 2-3 s, estimated 2-3 s; class 1 reference 0-1 s, not estimated
+    Tags (clip_probs >= 0.5): clip 0 {0, 1}, clip 1 {1}, clip 2 {0}.
+    """
+    targets = torch.zeros(3, 8, 2)
+    targets[0, 0:4, 0] = targets[1, 2:6, 1] = targets[2, 4:6, 0] = targets[2, 0:2, 1] = 1
+    frame_probs = torch.full((3, 8, 2), 0.2)
+    frame_probs[0, 0:4, 0] = frame_probs[0, 6:8, 1] = frame_probs[1, 3:6, 1] = frame_probs[2, 4:6, 0] = 0.8
+    frame_probs[0, 3, 0] = frame_probs[2, 4, 0] = 0.5  # exactly at the threshold: active
+    frame_probs[1, 2, 1] = 0.49  # just below: inactive
+    clip_probs = torch.tensor([[0.9, 0.6], [0.2, 0.7], [0.8, 0.3]])
+    return frame_probs, clip_probs, targets
 
 
-def test_metric_on_an_evaluator_gives_the_functions_numbers_over_all_batches() -> None:
-    frame_probs, clip_probs, frame_targets = _probabilities(clips=10, seed=3)
-    batches = [(frame_probs[i : i + 4], clip_probs[i : i + 4], frame_targets[i : i + 4]) for i in range(0, 10, 4)]
+# Worked out from _three_clips:
+# frames:   TP 4 + 3 + 2 = 9; estimated 6 + 3 + 2 = 11; reference 4 + 4 + 4 = 12: F1 18 / 23
+# segments (1 s = 2 frames): TP clip 0 {0, 1}, clip 1 {1, 2}, clip 2 {2} = 5; estimated 5 + 1 (clip 0, class 1,
+#           segment 3) = 6; reference 5 + 1 (clip 2, class 1, segment 0) = 6: F1 10 / 12
+# events:   4 references, 4 estimates, TP 2 (clip 0 and clip 2, class 0): F1 4 / 8; per class: class 0 TP 2 of
+#           2 and 2 (F1 1), class 1 TP 0 of 2 and 2 (F1 0): macro 0.5
+# tags:     TP 3 (clip 0 class 0, clip 1 class 1, clip 2 class 0), estimated 4, reference 4: F1 6 / 8
+THREE_CLIPS_SCORES = {
+    "frame_f1": 18 / 23,
+    "segment_f1": 10 / 12,
+    "event_f1": 0.5,
+    "clip_f1": 0.75,
+    "event_f1_macro": 0.5,
+}
+
+
+def test_metric_on_an_evaluator_adds_up_the_counts_of_all_batches() -> None:
+    frame_probs, clip_probs, frame_targets = _three_clips()
+    batches = [
+        (frame_probs[:2], clip_probs[:2], frame_targets[:2]),
+        (frame_probs[2:], clip_probs[2:], frame_targets[2:]),
+    ]
     evaluator = Engine(lambda engine, batch: batch)
-    SEDScores(frame_seconds=OUR_FRAME).attach(evaluator, "sed")
-
-    pred, target = (frame_probs >= 0.5).numpy(), frame_targets.bool().numpy()
-    expected = {
-        "frame_f1": frame_f1(pred, target),
-        "segment_f1": segment_f1(pred, target, OUR_FRAME),
-        "event_f1": event_f1(pred, target, OUR_FRAME),
-        "clip_f1": clip_f1((clip_probs >= 0.5).numpy(), target.any(axis=1)),
-    }
-    assert min(expected.values()) > 0 and max(expected.values()) < 1
+    SEDScores(frame_seconds=0.5).attach(evaluator, "sed")
     for _ in range(2):  # a second run starts from zero again
         metrics = evaluator.run(batches).metrics
-        assert metrics["sed"] == pytest.approx(expected, abs=1e-12)
-        assert {name: metrics[name] for name in expected} == metrics["sed"]  # also flattened, Ignite's default
+        assert metrics["sed"] == pytest.approx(THREE_CLIPS_SCORES, abs=1e-12)
+        assert {name: metrics[name] for name in THREE_CLIPS_SCORES} == metrics["sed"]  # also flattened, as Ignite does
 
 
 def test_a_probability_equal_to_the_threshold_is_active() -> None:
     frame_probs = torch.full((1, 4, 1), 0.5)
     metric = SEDScores(frame_seconds=0.5)
     metric.update((frame_probs, torch.full((1, 1), 0.5), torch.ones(1, 4, 1)))
-    assert metric.compute() == {"frame_f1": 1.0, "segment_f1": 1.0, "event_f1": 1.0, "clip_f1": 1.0}
+    assert metric.compute() == dict.fromkeys(THREE_CLIPS_SCORES, 1.0)
     strict = SEDScores(frame_seconds=0.5, threshold=0.6)
     strict.update((frame_probs, torch.full((1, 1), 0.5), torch.ones(1, 4, 1)))
-    assert strict.compute() == {"frame_f1": 0.0, "segment_f1": 0.0, "event_f1": 0.0, "clip_f1": 0.0}
+    assert strict.compute() == dict.fromkeys(THREE_CLIPS_SCORES, 0.0)
 
 
 def test_metric_takes_a_dict_output_and_refuses_to_compute_before_any_clip() -> None:
-    metric = SEDScores(frame_seconds=OUR_FRAME, output_transform=lambda out: out)
+    metric = SEDScores(frame_seconds=0.5, output_transform=lambda out: out)
     with pytest.raises(NotComputableError, match="at least one clip"):
         metric.compute()
-    frame_probs, clip_probs, frame_targets = _probabilities(clips=2, seed=4)
     evaluator = Engine(
         lambda engine, batch: {"frame_probs": batch[0], "clip_probs": batch[1], "frame_targets": batch[2]}
     )
     metric.attach(evaluator, "sed")
-    scores = evaluator.run([(frame_probs, clip_probs, frame_targets)]).metrics["sed"]
-    pred = (frame_probs >= 0.5).numpy()
-    assert scores["event_f1"] == event_f1(pred, frame_targets.numpy(), OUR_FRAME)
+    scores = evaluator.run([_three_clips()]).metrics["sed"]
+    assert scores == pytest.approx(THREE_CLIPS_SCORES, abs=1e-12)
+
+
+def test_macro_event_f1_averages_the_classes_with_references() -> None:
+    # 0.1-s frames. Class 0: two references, both found (F1 1). Class 1: one reference, found, plus an insertion
+    # (TP 1, 2 estimates, 1 reference: F1 2/3). Class 2: an insertion only, no reference: left out, as sed_eval's
+    # class-wise average leaves out a class whose recall is 0/0. Macro (1 + 2/3) / 2; micro 2 * 3 / (5 + 3).
+    pred, target = _roll(40, 3), _roll(40, 3)
+    target[0:5, 0] = pred[0:5, 0] = target[20:30, 0] = pred[20:30, 0] = True
+    target[10:15, 1] = pred[10:15, 1] = pred[30:35, 1] = True
+    pred[36:39, 2] = True
+    assert event_counts_per_class(pred, target, 0.1).tolist() == [[2, 2, 2], [1, 2, 1], [0, 1, 0]]
+    assert event_f1_macro(pred, target, 0.1) == pytest.approx((1 + 2 / 3) / 2)
+    assert event_f1(pred, target, 0.1) == pytest.approx(6 / 8)
+    assert macro_f1([[0, 0, 0]]) == 0.0  # no class has a reference
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -339,3 +383,163 @@ def test_metric_rejects_bad_arguments() -> None:
         SEDScores(frame_seconds=OUR_FRAME, threshold=2)
     with pytest.raises(ValueError, match="t_collar must be a finite number of seconds > 0; found 0"):
         SEDScores(frame_seconds=OUR_FRAME, t_collar=0)
+
+
+# ----------------------------------------------------------------------------- intersection based: PSDS
+
+
+def _one_clip_two_classes() -> tuple[Any, Any]:
+    """20 frames, two classes, binary scores; the counts are worked out in the tests that use it.
+
+    References: class 0 frames 2-11 (10 frames), class 1 frames 14-17 (4 frames).
+    Detections: A, class 0 frames 4-11 (8 frames, all inside the class-0 reference);
+    B, class 0 frames 13-16 (4 frames: none on a class-0 reference, 3 on the class-1 one);
+    C, class 1 frames 0-1 (on no reference).
+    """
+    scores, target = np.zeros((1, 20, 2)), np.zeros((1, 20, 2), dtype=bool)
+    target[0, 2:12, 0] = target[0, 14:18, 1] = True
+    scores[0, 4:12, 0] = scores[0, 13:17, 0] = scores[0, 0:2, 1] = 1.0
+    return scores, target
+
+
+def test_intersection_counts_follow_the_dtc_gtc_and_cttc() -> None:
+    scores, target = _one_clip_two_classes()
+    (counts,) = intersection_counts(scores, target, [0.5], [Criteria(dtc=0.7, gtc=0.7, cttc=0.3)])
+    # class 0: A passes the DTC (8/8 on its reference) and covers 8/10 >= 0.7 of it: 1 TP; B fails the DTC (0/4):
+    # an FP, and a cross-trigger on class 1 (3/4 >= 0.3). Class 1: C fails (0/2): an FP, no cross-trigger; its
+    # reference is not detected.
+    assert counts[0].tolist() == [[1, 1, 0, 1], [0, 1, 0, 0]]
+    (strict,) = intersection_counts(scores, target, [0.5], [Criteria(dtc=0.7, gtc=0.9, cttc=0.8)])
+    # A covers 0.8 < 0.9 of its reference: no TP, but A still passes the DTC, so it is no FP; B's 3/4 < 0.8
+    assert strict[0].tolist() == [[0, 1, 0, 0], [0, 1, 0, 0]]
+
+
+def test_the_gtc_adds_up_detections_and_one_detection_can_find_two_references() -> None:
+    scores, target = np.zeros((1, 20, 1)), np.zeros((1, 20, 1), dtype=bool)
+    target[0, 0:10, 0] = True
+    scores[0, 0:4, 0] = scores[0, 5:9, 0] = 1.0  # two detections, 4 frames each, together 8/10 of the reference
+    (counts,) = intersection_counts(scores, target, [0.5], [Criteria(dtc=0.7, gtc=0.7)])
+    assert counts[0].tolist() == [[1, 0, 0]]
+    target[0, 4:6, 0] = False  # now references 0-3 and 6-9; one detection over frames 0-9
+    scores[0, :10, 0] = 1.0
+    (counts,) = intersection_counts(scores, target, [0.5], [Criteria(dtc=0.7, gtc=0.7)])
+    assert counts[0].tolist() == [[2, 0, 0]]  # 8/10 of it on references: it passes, and covers both fully
+
+
+def test_operating_points_are_the_thresholds_of_the_scores() -> None:
+    scores, target = np.zeros((1, 10, 1)), np.zeros((1, 10, 1), dtype=bool)
+    target[0, 2:6, 0] = True
+    scores[0, 2:6, 0] = 0.6  # the reference's frames: detected at thresholds <= 0.6
+    scores[0, 8:10, 0] = 0.3  # a false alarm at thresholds <= 0.3
+    (counts,) = intersection_counts(scores, target, [0.2, 0.3, 0.5, 0.6, 0.7], [Criteria(dtc=0.7, gtc=0.7)])
+    assert counts[:, 0, :2].tolist() == [[1, 1], [1, 1], [1, 0], [1, 0], [0, 0]]  # a score equal to t is active
+
+
+def _counts(*rows: tuple[int, int]) -> Any:
+    """One class's (TP, FP) per threshold as psd_roc's [thresholds, classes = 1, 3] counts, no cross-triggers."""
+    return np.array([[[tp, fp, 0]] for tp, fp in rows])
+
+
+def test_psds_is_the_area_under_the_staircase_roc() -> None:
+    # one class of 2 references, one hour of audio: TPR 0.5 at 0 FP, then TPR 1 at 1 FP per hour. The staircase
+    # is 0.5 on [0, 1) and 1 on [1, 100]: (0.5 * 1 + 1 * 99) / 100
+    one = (_counts((1, 0), (2, 1)), np.array([2]), np.array([100.0]), 3600.0)
+    assert psds(*one, Criteria(0.5, 0.5, alpha_st=0.0)) == pytest.approx(0.995)
+    assert psds(*one, Criteria(0.5, 0.5, alpha_st=1.0)) == pytest.approx(0.995)  # one class: no spread
+    assert psds(*one, Criteria(0.5, 0.5, alpha_st=0.0, max_efpr=0.5)) == pytest.approx(0.5)
+    # a second class, 0 until 50 FP per hour, then 1. Means: 0.25 on [0, 1), 0.5 on [1, 50), 1 on [50, 100];
+    # standard deviations (ddof 0): 0.25, 0.5, 0
+    a = np.array([[[1, 0, 0], [0, 0, 0]], [[2, 1, 0], [0, 0, 0]], [[2, 1, 0], [1, 50, 0]]])
+    two = (a, np.array([2, 1]), np.array([100.0, 100.0]), 3600.0)
+    assert psds(*two, Criteria(0.5, 0.5, alpha_st=0.0)) == pytest.approx((0.25 * 1 + 0.5 * 49 + 1.0 * 50) / 100)
+    assert psds(*two, Criteria(0.5, 0.5, alpha_st=1.0)) == pytest.approx(50 / 100)  # mean - std: 0, 0, 1
+
+
+def test_cross_triggers_raise_the_effective_fp_rate_by_alpha_ct() -> None:
+    # class 0: its 1 reference found with no FP but 1 cross-trigger on class 1, whose references last half an
+    # hour: CTR 2 per hour, eFPR 0 + 0.5 * 2 = 1 with alpha_ct = 0.5. Class 1 is never detected.
+    counts = np.array([[[1, 0, 0, 1], [0, 0, 0, 0]]])
+    totals = (np.array([1, 1]), np.array([100.0, 1800.0]), 3600.0)
+    x, etpr = psd_roc(counts, *totals, Criteria(0.5, 0.5, alpha_ct=0.5, alpha_st=0.0))
+    assert x.tolist() == [0.0, 1.0] and etpr.tolist() == [0.0, 0.5]  # class 0 reaches TPR 1 only at eFPR 1
+    x, etpr = psd_roc(counts, *totals, Criteria(0.5, 0.5, alpha_ct=0.0, alpha_st=0.0))
+    assert x.tolist() == [0.0] and etpr.tolist() == [0.5]
+
+
+def test_a_class_without_references_is_left_out() -> None:
+    counts = np.array([[[1, 0, 0], [0, 3, 0]]])  # class 1 has no reference: TPR undefined
+    assert psds(counts, np.array([1, 0]), np.array([10.0, 0.0]), 3600.0, PSDS1) == pytest.approx(1.0)
+    assert intersection_f1(counts[0], np.array([1, 0])) == 1.0
+    assert psds(counts, np.array([0, 0]), np.array([0.0, 0.0]), 3600.0, PSDS1) == 0.0
+
+
+def test_intersection_f1_scores_a_class_without_tp_zero() -> None:
+    scores, target = _one_clip_two_classes()
+    (counts,) = intersection_counts(scores, target, [0.5], [INTERSECTION_F1])
+    # class 0: TP 1, FP 1 (B), 1 reference: 2 / (2 + 1 + 0); class 1: TP 0, FP 1, FN 1: 0 (psds_eval drops it)
+    assert intersection_f1(counts[0], np.array([1, 1])) == pytest.approx((2 / 3 + 0) / 2)
+
+
+def _plain_loop_counts(scores: Any, target: Any, threshold: float, criteria: Criteria) -> Any:
+    """psds_eval's counting, event by event in plain loops: the reference for intersection_counts."""
+    clips, _, classes = scores.shape
+    counts = np.zeros((classes, 2 + classes), dtype=int)
+
+    def events(activity: Any) -> list[tuple[int, int]]:
+        runs, start = [], None
+        for i, on in enumerate([*activity, False]):
+            if on and start is None:
+                start = i
+            elif not on and start is not None:
+                runs.append((start, i))
+                start = None
+        return runs
+
+    def inter(a: tuple[int, int], b: tuple[int, int]) -> int:
+        return max(0, min(a[1], b[1]) - max(a[0], b[0]))
+
+    for clip in range(clips):
+        refs = [events(target[clip, :, c]) for c in range(classes)]
+        for c in range(classes):
+            dets = events(scores[clip, :, c] >= threshold)
+            passing = []
+            for d in dets:
+                length = d[1] - d[0]
+                if sum(inter(d, r) for r in refs[c]) / length >= criteria.dtc:
+                    passing.append(d)
+                    continue
+                counts[c, 1] += 1
+                for other in range(classes):
+                    if other != c and sum(inter(d, r) for r in refs[other]) / length >= criteria.cttc:
+                        counts[c, 2 + other] += 1
+            for r in refs[c]:
+                if sum(inter(d, r) for d in passing) / (r[1] - r[0]) >= criteria.gtc:
+                    counts[c, 0] += 1
+    return counts
+
+
+@pytest.mark.parametrize("criteria", [PSDS1, PSDS2, INTERSECTION_F1])
+def test_intersection_counts_match_a_plain_loop_over_events(criteria: Criteria) -> None:
+    rng = np.random.default_rng(5)
+    target = np.cumsum(rng.random((6, 64, 3)) < 0.1, axis=1) % 2 == 1
+    scores = np.clip(0.6 * target + rng.normal(0.2, 0.25, size=target.shape).cumsum(axis=1) * 0.2, 0, 1)
+    thresholds = [0.1, 0.3, 0.5, 0.7]
+    (counts,) = intersection_counts(scores, target, thresholds, [criteria])
+    for k, threshold in enumerate(thresholds):
+        expected = _plain_loop_counts(scores, target, threshold, criteria)
+        assert counts[k].tolist() == expected.tolist(), threshold
+    assert counts[..., 0].sum() > 0 and counts[..., 1].sum() > 0 and counts[..., 2:].sum() > 0  # all three occur
+
+
+def test_psds_metric_on_an_evaluator_adds_up_batches() -> None:
+    scores, target = _one_clip_two_classes()
+    # the clip twice, in two batches; 20 frames of 180 s: 2 hours in all, 4 references. At every threshold in
+    # (0, 1]: class 0 TPR 1 with 2 FP (1 per hour), class 1 TPR 0. PSDS1 (alpha_st 1): mean 0.5 - std 0.5 = 0
+    # everywhere. Intersection F1: class 0 TP 2, FP 2, N_ref 2: 4 / 6; class 1: 0
+    batch = (torch.from_numpy(scores), torch.zeros(1, 2), torch.from_numpy(target).float())
+    evaluator = Engine(lambda engine, b: b)
+    PSDSScores(frame_seconds=180.0, thresholds=[0.5, 1.0]).attach(evaluator, "psds")
+    result = evaluator.run([batch, batch]).metrics["psds"]
+    assert result == pytest.approx({"psds1": 0.0, "psds2": 0.0, "intersection_f1": (4 / 6) / 2})
+    with pytest.raises(NotComputableError, match="at least one clip"):
+        PSDSScores(frame_seconds=0.1).compute()

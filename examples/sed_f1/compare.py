@@ -1,11 +1,19 @@
-"""Run every (run, seed) of the comparison on worker processes, with one Ignite progress bar over all of them."""
+"""Run every (run, seed, configuration) of a comparison on worker processes, with one Ignite progress bar.
+
+The synthetic data is made once, on the same workers, and written in the
+``--data`` layout to ``<out>/features``; every training process reads it from
+there (and a later job with the same data settings reuses it).
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import multiprocessing as mp
 import queue
 from collections.abc import Iterator, Sequence
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import Executor, Future, ProcessPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -13,69 +21,75 @@ import torch
 from ignite.engine import Engine
 from ignite.handlers import ProgressBar
 
-from examples.sed_f1.data import SEDData, load_npz_dir, synthesize
+from examples.sed_f1 import audio, data, features
+from examples.sed_f1.data import SEDData, load_npz_dir, save_npz_dir, synthesize
 from examples.sed_f1.experiment import RunResult, TrainConfig, train_run
 from ignite_ema import run_on_processes
 
 _TICK = 50  # iterations per progress message
+SIZES = {False: (300, 2000, 400), True: (100, 300, 100)}  # (labelled, unlabelled, test) clips; True: --quick
 
 
-def load_data(data_dir: Path | None, quick: bool) -> SEDData:
+@dataclass(frozen=True)
+class Job:
+    """One training run: which teacher, which seed, which configuration, and its TensorBoard folder's name."""
+
+    name: str
+    seed: int
+    config: TrainConfig
+    log_name: str
+
+
+def _fingerprint(quick: bool) -> dict[str, Any]:
+    """What the synthetic features depend on: their sizes and the code that makes them."""
+    sources = b"".join(Path(module.__file__ or "").read_bytes() for module in (audio, features, data))
+    return {"clips": SIZES[quick], "seed": 0, "code": hashlib.sha256(sources).hexdigest()[:16]}
+
+
+def prepare_data(data_dir: Path | None, out: Path, quick: bool, pool: Executor | None) -> Path:
+    """The folder of features the runs read: ``data_dir``, or the synthetic data, made (once) into ``out/features``."""
     if data_dir is not None:
-        return load_npz_dir(data_dir)
-    if quick:
-        return synthesize(n_labelled=200, n_unlabelled=600, n_test=200)
-    return synthesize()
+        load_npz_dir(data_dir)  # refuse bad input here, before any worker starts
+        return data_dir
+    directory = out / "features"
+    stamp = directory / "synthesis.json"
+    fingerprint = _fingerprint(quick)
+    if stamp.is_file() and json.loads(stamp.read_text()) == fingerprint:
+        return directory
+    labelled, unlabelled, test = SIZES[quick]
+    made = synthesize(labelled, unlabelled, test, map_fn=pool.map if pool is not None else map)
+    save_npz_dir(made, directory)
+    stamp.write_text(json.dumps(fingerprint))
+    return directory
 
 
-_worker_data: SEDData | None = None
+_loaded: dict[Path, SEDData] = {}
 
 
-def _init_worker(data_dir: Path | None, quick: bool) -> None:
-    """Each worker: one thread (the runs share the cores), and its own copy of the data."""
-    global _worker_data
-    torch.set_num_threads(1)
-    _worker_data = load_data(data_dir, quick)
+def _data(directory: Path) -> SEDData:
+    """The features of ``directory``, read once per process."""
+    if directory not in _loaded:
+        _loaded[directory] = load_npz_dir(directory)
+    return _loaded[directory]
 
 
-def _work(name: str, seed: int, config: TrainConfig, log_dir: Path, progress: Any) -> RunResult:
-    assert _worker_data is not None
-    return train_run(name, seed, _worker_data, config, log_dir, on_iterations=progress.put, every=_TICK)
+def _init_worker() -> None:
+    torch.set_num_threads(1)  # the runs share the cores
 
 
-def _train_on_loaded_data(
-    job: tuple[str, int],
-    config: TrainConfig,
-    log_dir: Path,
-    data_args: tuple[Path | None, bool],
-    show_progress: bool,
-) -> RunResult:
-    """One rank of a run trained on several processes: each process loads its own copy of the data."""
-    return train_run(job[0], job[1], load_data(*data_args), config, log_dir, progress_bar=show_progress)
+def _work(job: Job, features_dir: Path, log_dir: Path, progress: Any) -> RunResult:
+    return train_run(
+        job.name, job.seed, _data(features_dir), job.config, log_dir, on_iterations=progress.put, every=_TICK
+    )
 
 
-def run_distributed(
-    jobs: Sequence[tuple[str, int]],
-    config: TrainConfig,
-    out: Path,
-    nproc: int,
-    data_args: tuple[Path | None, bool],
-    show_progress: bool,
-) -> list[RunResult]:
-    """Each run on ``nproc`` processes (DDP over gloo, through ``idist.Parallel``), one run after the other."""
-    results = []
-    for name, seed in jobs:
-        log_dir = out / "tensorboard" / f"{name}-seed{seed}"
-        results.append(
-            run_on_processes(nproc, _train_on_loaded_data, (name, seed), config, log_dir, data_args, show_progress)[0]
-        )
-    return results
+def _train_one_rank(job: Job, features_dir: Path, log_dir: Path, show_progress: bool) -> RunResult:
+    """One rank of a run trained on several processes."""
+    return train_run(job.name, job.seed, _data(features_dir), job.config, log_dir, progress_bar=show_progress)
 
 
-def run_all(
-    names: Sequence[str],
-    seeds: Sequence[int],
-    config: TrainConfig,
+def run_jobs(
+    jobs: Sequence[Job],
     out: Path,
     workers: int,
     data_dir: Path | None = None,
@@ -83,27 +97,31 @@ def run_all(
     show_progress: bool = True,
     nproc: int = 1,
 ) -> list[RunResult]:
-    """Train all runs, ``workers`` at a time (or each on ``nproc`` processes), in (seed, run) order."""
-    jobs = [(name, seed) for seed in seeds for name in names]
+    """Make or check the data, then train ``jobs``, ``workers`` at a time (or each on ``nproc`` processes, in turn).
+
+    Results come back in the order of ``jobs``.
+    """
     if nproc > 1:
-        return run_distributed(jobs, config, out, nproc, (data_dir, quick), show_progress)
+        features_dir = prepare_data(data_dir, out, quick, pool=None)
+        results = []
+        for job in jobs:
+            log_dir = out / "tensorboard" / job.log_name
+            results.append(run_on_processes(nproc, _train_one_rank, job, features_dir, log_dir, show_progress)[0])
+        return results
     context = mp.get_context("spawn")  # a fresh interpreter per worker: no forked torch thread pools
     with (
         context.Manager() as manager,
-        ProcessPoolExecutor(
-            max_workers=workers, mp_context=context, initializer=_init_worker, initargs=(data_dir, quick)
-        ) as pool,
+        ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_init_worker) as pool,
     ):
+        features_dir = prepare_data(data_dir, out, quick, pool)
         ticks = manager.Queue()
-        futures = {
-            job: pool.submit(_work, job[0], job[1], config, out / "tensorboard" / f"{job[0]}-seed{job[1]}", ticks)
-            for job in jobs
-        }
-        _follow(futures, ticks, total_ticks=len(jobs) * (config.iterations // _TICK), show=show_progress)
-        return [futures[job].result() for job in jobs]
+        futures = [pool.submit(_work, job, features_dir, out / "tensorboard" / job.log_name, ticks) for job in jobs]
+        total_ticks = sum(job.config.iterations // _TICK for job in jobs)
+        _follow(futures, ticks, total_ticks, show=show_progress)
+        return [future.result() for future in futures]
 
 
-def _follow(futures: dict[tuple[str, int], Future[RunResult]], ticks: Any, total_ticks: int, show: bool) -> None:
+def _follow(futures: Sequence[Future[RunResult]], ticks: Any, total_ticks: int, show: bool) -> None:
     """Drive an Ignite engine whose iterations are the workers' progress messages, so ProgressBar shows it."""
 
     def messages() -> Iterator[int]:
@@ -112,9 +130,9 @@ def _follow(futures: dict[tuple[str, int], Future[RunResult]], ticks: Any, total
                 yield ticks.get(timeout=1.0)
             except queue.Empty:
                 # a failed run sends no more ticks: stop following, the caller re-raises its error
-                if any(f.done() and f.exception() is not None for f in futures.values()):
+                if any(f.done() and f.exception() is not None for f in futures):
                     return
-                if all(f.done() for f in futures.values()):
+                if all(f.done() for f in futures):
                     return
 
     follower = Engine(lambda engine, batch: batch)

@@ -1,31 +1,37 @@
-"""Synthetic sound-event-detection data, made directly as log-mel spectrograms (no audio, no download).
+"""The SED data: synthetic clips through a real front end, or the user's own features, as ``SEDData``.
 
-Each clip is ``N_MELS x N_FRAMES`` (64 x 128, 10 s) of coloured background
-noise with 1-4 events from ``CLASSES``, possibly overlapping, at random onsets,
-durations and levels. Every class has its own time-frequency shape (harmonic
-stacks, chirps, tones, noise bands, impulse trains...), mixed in the power
-domain and then taken to decibels, as a real log-mel front end would.
-Strong labels are frame activities at the model's output rate (64 frames).
+``synthesize`` makes 16-kHz waveforms (``audio.py``: events of ten classes over
+coloured noise) and their log-mel features (``features.py``: STFT, mel
+filterbank, log, as in the DCASE baselines), ``N_MELS x N_FRAMES`` (64 x 64)
+per 5-s clip. Strong labels are frame activities at the model's output rate
+(``LABEL_FRAMES`` = 32 frames of 156.25 ms), from the events' onsets and
+offsets. Everything is deterministic from a seed, clip by clip, whatever the
+number of processes that make it.
 
-Everything is deterministic from a seed. ``load_npz_dir`` reads the same
-layout from disk, so the experiment can run on real features instead.
+``save_npz_dir`` writes a ``SEDData`` in the layout of ``NPZ_LAYOUT`` and
+``load_npz_dir`` reads it back, so the features are made once and every
+training process reads them; ``--data DIR`` reads the user's own features in
+the same layout.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import torch
 
-N_MELS, N_FRAMES, CLIP_SECONDS = 64, 128, 10.0
-LABEL_FRAMES = 64  # the CRNN's output rate: one label frame per 2 input frames
-FRAME_SECONDS = CLIP_SECONDS / N_FRAMES
+from examples.sed_f1.audio import CLASSES, CLIP_SECONDS, event_roll, synth_clips
+from examples.sed_f1.features import LogMel
 
-Rng = np.random.Generator
-Shape = Callable[[Rng, int], np.ndarray]  # (rng, duration in frames) -> power pattern [N_MELS, duration]
+N_MELS, N_FRAMES = 64, 64
+LABEL_FRAMES = 32  # the CRNN's output rate: one label frame per 2 feature frames
+FRONT_END = LogMel(n_mels=N_MELS, hop=1250)  # 80,000 samples / 1,250 = 64 frames
+CHUNK = 100  # clips per task when the clips are made on several processes
 
 
 @dataclass(frozen=True)
@@ -48,140 +54,47 @@ class SEDData:
     frame_seconds: float  # duration of one label frame
 
 
-# ----------------------------------------------------------------------------- event shapes
+# ----------------------------------------------------------------------------- synthetic data
 
 
-def _bins() -> np.ndarray:
-    return np.arange(N_MELS, dtype=np.float64)[:, None]
+def synth_set(n_clips: int, seed: int, first: int = 0) -> SEDSet:
+    """Clips ``first .. first + n_clips - 1`` of the stream ``seed``: log-mel features and strong labels."""
+    audio, events = synth_clips(n_clips, seed, first)
+    with torch.no_grad():
+        x = FRONT_END(torch.from_numpy(audio)).numpy()[:, None]
+    return SEDSet(x, event_roll(events, len(CLASSES), LABEL_FRAMES, CLIP_SECONDS / LABEL_FRAMES))
 
 
-def _band(centre: np.ndarray | float, width: float) -> np.ndarray:
-    """A Gaussian bump over the mel bins, per frame when ``centre`` is a row."""
-    return np.exp(-0.5 * ((_bins() - centre) / width) ** 2)
+def _synth_chunk(job: tuple[int, int, int]) -> SEDSet:
+    return synth_set(*job)
 
 
-def harmonic_stack(rng: Rng, n: int) -> np.ndarray:
-    """A voiced sound: a low fundamental with decaying harmonics and a little vibrato."""
-    f0 = rng.uniform(3.0, 7.0)
-    vibrato = 1 + 0.04 * np.sin(2 * np.pi * np.arange(n) / rng.uniform(6, 12))
-    return sum((0.7**k) * _band(f0 * (k + 1) * vibrato, 0.8) for k in range(6))  # type: ignore[return-value]
+def synthesize(
+    n_labelled: int = 300,
+    n_unlabelled: int = 2000,
+    n_test: int = 400,
+    seed: int = 0,
+    map_fn: Callable[[Callable[[Any], SEDSet], Iterable[Any]], Iterator[SEDSet]] = map,
+) -> SEDData:
+    """The three sets, each from its own stream of clips, all from the same distribution.
 
-
-def rising_chirp(rng: Rng, n: int) -> np.ndarray:
-    start = rng.uniform(8, 20)
-    return _band(np.linspace(start, start + rng.uniform(20, 35), n), 1.2)
-
-
-def falling_chirp(rng: Rng, n: int) -> np.ndarray:
-    start = rng.uniform(40, 58)
-    return _band(np.linspace(start, start - rng.uniform(20, 35), n), 1.2)
-
-
-def high_tone(rng: Rng, n: int) -> np.ndarray:
-    return np.repeat(_band(rng.uniform(44, 58), 0.7), n, axis=1)
-
-
-def pulsed_tone(rng: Rng, n: int) -> np.ndarray:
-    """An alarm: a mid tone switched on and off every few frames."""
-    period = int(rng.integers(4, 7))
-    gate = (np.arange(n) % period) < period // 2
-    return _band(rng.uniform(24, 34), 0.8) * gate
-
-
-def broadband_noise(rng: Rng, n: int) -> np.ndarray:
-    tilt = np.exp(-_bins() / rng.uniform(30, 60))
-    return np.repeat(tilt, n, axis=1) * rng.uniform(0.5, 1.0, size=(N_MELS, n))
-
-
-def low_rumble(rng: Rng, n: int) -> np.ndarray:
-    return np.repeat(_band(rng.uniform(2, 6), 3.0), n, axis=1) * rng.uniform(0.4, 1.0, size=(N_MELS, n))
-
-
-def impulse_train(rng: Rng, n: int) -> np.ndarray:
-    """Clicks: broadband frames at irregular intervals, as from dishes or footsteps."""
-    clicks = np.zeros(n)
-    clicks[:: int(rng.integers(3, 6))] = 1.0
-    clicks[0] = 1.0
-    return np.repeat(np.exp(-_bins() / 40.0), n, axis=1) * clicks
-
-
-def mid_noise_band(rng: Rng, n: int) -> np.ndarray:
-    """Running water: a noisy band in the middle of the spectrum."""
-    return np.repeat(_band(rng.uniform(26, 36), 4.0), n, axis=1) * rng.uniform(0.3, 1.0, size=(N_MELS, n))
-
-
-def tremolo_tone(rng: Rng, n: int) -> np.ndarray:
-    """A tone with a slow, deep amplitude modulation."""
-    depth = 0.5 + 0.5 * np.sin(2 * np.pi * np.arange(n) / rng.uniform(8, 14))
-    pattern: np.ndarray = _band(rng.uniform(12, 20), 0.8) * depth
-    return pattern
-
-
-# name -> (shape, shortest and longest duration in seconds)
-CLASSES: dict[str, tuple[Shape, float, float]] = {
-    "speech": (harmonic_stack, 0.5, 3.0),
-    "rising_chirp": (rising_chirp, 0.4, 2.0),
-    "falling_chirp": (falling_chirp, 0.4, 2.0),
-    "whistle": (high_tone, 0.3, 2.5),
-    "alarm": (pulsed_tone, 1.0, 4.0),
-    "vacuum": (broadband_noise, 2.0, 8.0),
-    "engine": (low_rumble, 2.0, 8.0),
-    "dishes": (impulse_train, 0.5, 2.5),
-    "water": (mid_noise_band, 1.5, 6.0),
-    "bell": (tremolo_tone, 1.0, 4.0),
-}
-
-
-# ----------------------------------------------------------------------------- clips
-
-
-def synth_clip(rng: Rng, shapes: list[tuple[Shape, float, float]]) -> tuple[np.ndarray, np.ndarray]:
-    """One clip: log-mel [N_MELS, N_FRAMES] in dB and frame activity [N_FRAMES, classes]."""
-    tilt = np.exp(-_bins() / rng.uniform(20, 50))
-    power = rng.uniform(0.02, 0.08) * tilt * rng.exponential(1.0, size=(N_MELS, N_FRAMES))
-    active = np.zeros((N_FRAMES, len(shapes)), dtype=np.float32)
-    for _ in range(int(rng.integers(1, 5))):
-        label = int(rng.integers(len(shapes)))
-        shape, shortest, longest = shapes[label]
-        duration = max(2, round(rng.uniform(shortest, longest) / FRAME_SECONDS))
-        onset = int(rng.integers(0, N_FRAMES - duration + 1))
-        level = 10 ** (rng.uniform(-5.0, 10.0) / 10)  # -5 to +10 dB against a unit reference
-        envelope = np.minimum(1.0, np.minimum(np.arange(1, duration + 1), np.arange(duration, 0, -1)) / 2)
-        power[:, onset : onset + duration] += level * shape(rng, duration) * envelope
-        active[onset : onset + duration, label] = 1.0
-    log_mel = 10 * np.log10(power + 1e-6)
-    return log_mel.astype(np.float32), active
-
-
-def synth_set(n_clips: int, seed: int) -> SEDSet:
-    """``n_clips`` clips from their own stream of random numbers."""
-    rng = np.random.default_rng(seed)
-    shapes = list(CLASSES.values())
-    x = np.empty((n_clips, 1, N_MELS, N_FRAMES), dtype=np.float32)
-    y = np.empty((n_clips, N_FRAMES, len(shapes)), dtype=np.float32)
-    for i in range(n_clips):
-        x[i, 0], y[i] = synth_clip(rng, shapes)
-    return SEDSet(x, to_label_rate(y, LABEL_FRAMES))
-
-
-def to_label_rate(activity: np.ndarray, label_frames: int) -> np.ndarray:
-    """Frame activity [clips, frames, classes] at ``label_frames`` per clip: active if active in any input frame."""
-    clips, frames, classes = activity.shape
-    if frames % label_frames:
-        raise ValueError(f"{frames} frames cannot be pooled to {label_frames} label frames")
-    pooled: np.ndarray = activity.reshape(clips, label_frames, frames // label_frames, classes).max(axis=2)
-    return pooled
-
-
-def synthesize(n_labelled: int = 300, n_unlabelled: int = 2000, n_test: int = 400, seed: int = 0) -> SEDData:
-    """The three sets, each from its own seed, all from the same distribution."""
-    return SEDData(
-        classes=tuple(CLASSES),
-        labelled=synth_set(n_labelled, seed * 1000 + 1),
-        unlabelled=synth_set(n_unlabelled, seed * 1000 + 2),
-        test=synth_set(n_test, seed * 1000 + 3),
-        frame_seconds=CLIP_SECONDS / LABEL_FRAMES,
-    )
+    ``map_fn`` runs the chunks of ``CHUNK`` clips: ``map`` in this process, or
+    a process pool's ``map`` to share the work; the clips are the same either way.
+    """
+    sizes = {"labelled": n_labelled, "unlabelled": n_unlabelled, "test": n_test}
+    jobs = [
+        (name, (min(CHUNK, size - first), seed * 1000 + stream, first))
+        for stream, (name, size) in enumerate(sizes.items(), start=1)
+        for first in range(0, size, CHUNK)
+    ]
+    parts: dict[str, list[SEDSet]] = {name: [] for name in sizes}
+    for (name, _), part in zip(jobs, map_fn(_synth_chunk, [job for _, job in jobs]), strict=True):
+        parts[name].append(part)
+    sets = {
+        name: SEDSet(np.concatenate([p.x for p in chunks]), np.concatenate([p.y for p in chunks]))
+        for name, chunks in parts.items()
+    }
+    return SEDData(tuple(CLASSES), sets["labelled"], sets["unlabelled"], sets["test"], CLIP_SECONDS / LABEL_FRAMES)
 
 
 # ----------------------------------------------------------------------------- real features from disk
@@ -240,3 +153,17 @@ def load_npz_dir(directory: Path) -> SEDData:
     if not (sets["labelled"].x.shape[1:] == sets["unlabelled"].x.shape[1:] == sets["test"].x.shape[1:]):
         raise ValueError("labelled, unlabelled and test features must have the same [mels, frames]")
     return SEDData(classes, sets["labelled"], sets["unlabelled"], sets["test"], frame_seconds)
+
+
+def save_npz_dir(data: SEDData, directory: Path) -> None:
+    """Write ``data`` in the layout of :data:`NPZ_LAYOUT` (``load_npz_dir`` reads it back unchanged)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for name in ("labelled", "unlabelled", "test"):
+        part: SEDSet = getattr(data, name)
+        np.savez(
+            directory / f"{name}.npz",
+            features=part.x[:, 0],
+            labels=part.y,
+            classes=np.array(data.classes),
+            frame_seconds=np.array(data.frame_seconds),
+        )

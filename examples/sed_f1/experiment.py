@@ -14,6 +14,7 @@ The runs differ only in what keeps the teacher:
 
 from __future__ import annotations
 
+import math
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -35,7 +36,14 @@ from examples.mean_teacher import create_mean_teacher_trainer
 from examples.sed_f1.data import SEDData, SEDSet
 from examples.sed_f1.metrics import SCORES, SEDScores
 from examples.sed_f1.model import CRNN
+from examples.sed_f1.motion import ConvMotion
+from examples.sed_f1.postprocess import MEDIAN_FRAMES, median_filter
+from examples.sed_f1.psds import PSDSScores
 from ignite_ema import BNRecalibration, EMAHandler, unwrap_model
+
+#: Every score of a model at an evaluation: the F1s of metrics.py and the intersection-based scores of psds.py.
+ALL_SCORES = (*SCORES, "psds1", "psds2", "intersection_f1")
+OPTIMIZERS = ("adam", "adamw")
 
 RUNS: dict[str, str] = {  # run name -> buffer mode of its teacher
     "supervised": "none",
@@ -55,11 +63,20 @@ class TrainConfig:
     eval_every: int = 200
     labelled_per_batch: int = 6
     unlabelled_per_batch: int = 12
+    optimizer: str = "adam"  # or "adamw": decoupled weight decay, on every parameter
     lr: float = 4e-3
+    weight_decay: float = 0.0  # AdamW's
     ema_decay: float = 0.998  # momentum = 1 - decay
     consistency_weight: float = 2.0
-    rampup_fraction: float = 0.5  # of the iterations, for the sigmoid ramp-up of the consistency weight
+    rampup_fraction: float = 0.25  # of the iterations: the consistency weight's sigmoid ramp-up (DCASE: 50/200)
     recal_batches: int = 20
+    median_frames: int = MEDIAN_FRAMES  # median filter on the frame scores before every score
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS}; found {self.optimizer!r}")
+        if self.weight_decay and self.optimizer != "adamw":
+            raise ValueError(f"weight_decay is AdamW's; found weight_decay={self.weight_decay} with {self.optimizer}")
 
 
 @dataclass
@@ -72,8 +89,9 @@ class RunResult:
     seconds: float
     # per conv layer, |teacher weights| / |student weights| at the end: averaging rotating weights shrinks them
     conv_norm_ratio: list[float] | None = None
-    # iteration -> {"teacher": {...}, "student": {...}} at each evaluation, for the plot
-    curve: dict[int, dict[str, dict[str, float]]] = field(default_factory=dict)
+    optimizer: str = "adam"
+    # iteration -> {"teacher": scores, "student": scores, "motion": ConvMotion.snapshot()} at each evaluation
+    curve: dict[int, dict[str, dict[str, Any]]] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -112,21 +130,38 @@ def consistency_loss(student: tuple[Tensor, Tensor], teacher: tuple[Tensor, Tens
     return mse(student[0], teacher[0]) + mse(student[1], teacher[1])
 
 
-def _evaluator(model: nn.Module, frame_seconds: float) -> Engine:
-    """Ignite's evaluator (eval mode, no grad) whose output is SEDScores' (frame_probs, clip_probs, targets)."""
-    metrics: dict[str, Metric] = {"sed": SEDScores(frame_seconds)}
-    return create_supervised_evaluator(model, metrics, output_transform=lambda x, y, y_pred: (*y_pred, y))
+def _evaluator(model: nn.Module, frame_seconds: float, median_frames: int) -> Engine:
+    """Ignite's evaluator (eval mode, no grad) whose output is (median-filtered frame_probs, clip_probs, targets)."""
+    metrics: dict[str, Metric] = {"sed": SEDScores(frame_seconds), "psds": PSDSScores(frame_seconds)}
+
+    def output(x: Tensor, y: Tensor, y_pred: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+        return median_filter(y_pred[0], median_frames), y_pred[1], y
+
+    return create_supervised_evaluator(model, metrics, output_transform=output)
 
 
 def _scores(evaluator: Engine, test: list[tuple[Tensor, Tensor]]) -> dict[str, float]:
-    return dict(evaluator.run(test).metrics["sed"])
+    metrics = evaluator.run(test).metrics
+    return dict(metrics["sed"]) | dict(metrics["psds"])
+
+
+def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    """Adam, or AdamW with ``config.weight_decay`` on every parameter."""
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    return torch.optim.Adam(model.parameters(), lr=config.lr)
 
 
 def _test_batches(test: SEDSet, batch_size: int = 100) -> list[tuple[Tensor, Tensor]]:
-    """This rank's share of the test set (all of it in a single process): SEDScores sums the counts of all ranks."""
+    """This rank's share of the test set (all of it in a single process): the metrics sum the counts of all ranks.
+
+    At least one batch per rank (the metrics need one on every rank), of at most about ``batch_size`` clips.
+    """
     x, y = torch.from_numpy(test.x), torch.from_numpy(test.y)
-    batches = list(zip(torch.split(x, batch_size), torch.split(y, batch_size), strict=True))
-    return batches[idist.get_rank() :: idist.get_world_size()]
+    world = idist.get_world_size()
+    n_batches = max(world, math.ceil(len(x) / batch_size))
+    batches = list(zip(torch.tensor_split(x, n_batches), torch.tensor_split(y, n_batches), strict=True))
+    return batches[idist.get_rank() :: world]
 
 
 def train_run(
@@ -153,7 +188,7 @@ def train_run(
     n_mels = data.labelled.x.shape[2]
     # In a distributed run (see compare.py) the student is wrapped in DistributedDataParallel; else unchanged.
     student = idist.auto_model(CRNN(n_classes=len(data.classes), n_mels=n_mels), sync_bn=False)
-    optimizer = torch.optim.Adam(student.parameters(), lr=config.lr)
+    optimizer = make_optimizer(student, config)
     momentum = 1.0 - config.ema_decay
     handler: EMAHandler | UpstreamEMAHandler | None = None
     if name == "ignite-copy":
@@ -174,9 +209,12 @@ def train_run(
     teacher = handler.ema_model if handler is not None else None
 
     test = _test_batches(data.test)
-    student_eval = _evaluator(unwrap_model(student), data.frame_seconds)  # no DDP collectives in evaluation
-    teacher_eval = _evaluator(teacher, data.frame_seconds) if teacher is not None else None
-    curve: dict[int, dict[str, dict[str, float]]] = {}
+    # no DDP collectives in evaluation
+    student_eval = _evaluator(unwrap_model(student), data.frame_seconds, config.median_frames)
+    teacher_eval = _evaluator(teacher, data.frame_seconds, config.median_frames) if teacher is not None else None
+    motion = ConvMotion(unwrap_model(student), teacher, rate=momentum)
+    motion.attach(trainer)
+    curve: dict[int, dict[str, dict[str, Any]]] = {}
     evaluate_at = Events.ITERATION_COMPLETED(
         event_filter=lambda _, i: i % config.eval_every == 0 or i == config.iterations  # and once at the end
     )
@@ -188,7 +226,7 @@ def train_run(
 
     @trainer.on(evaluate_at)
     def evaluate(engine: Engine) -> None:
-        point = {"student": _scores(student_eval, test)}
+        point: dict[str, dict[str, Any]] = {"student": _scores(student_eval, test), "motion": motion.snapshot()}
         if teacher_eval is not None:
             point["teacher"] = _scores(teacher_eval, test)
         curve[engine.state.iteration] = point
@@ -209,12 +247,7 @@ def train_run(
         trainer.run(mixed_batches(data, config, seed), max_epochs=1, epoch_length=config.iterations)
 
     final = curve[config.iterations]
-    norm_ratio = None
-    if teacher is not None:
-        pairs = zip(teacher.modules(), unwrap_model(student).modules(), strict=True)
-        convs = [(t, s) for t, s in pairs if isinstance(t, nn.Conv2d) and isinstance(s, nn.Conv2d)]
-        with torch.no_grad():
-            norm_ratio = [round(float(torch.linalg.norm(t.weight) / torch.linalg.norm(s.weight)), 3) for t, s in convs]
+    ratios = final["motion"].get("norm_ratio")
     return RunResult(
         name=name,
         mode=RUNS[name],
@@ -222,7 +255,8 @@ def train_run(
         teacher=final.get("teacher"),
         student=final["student"],
         seconds=time.perf_counter() - start,
-        conv_norm_ratio=norm_ratio,
+        conv_norm_ratio=[round(r, 3) for r in ratios] if ratios else None,
+        optimizer=config.optimizer,
         curve=curve,
     )
 
@@ -243,6 +277,6 @@ def _attach_tensorboard(trainer: Engine, student_eval: Engine, teacher_eval: Eng
     trainer_iteration = global_step_from_engine(trainer, Events.ITERATION_COMPLETED)
     for tag, evaluator in (("student", student_eval), ("teacher", teacher_eval)):
         if evaluator is not None:
-            handler = OutputHandler(tag=tag, metric_names=list(SCORES), global_step_transform=trainer_iteration)
+            handler = OutputHandler(tag=tag, metric_names=list(ALL_SCORES), global_step_transform=trainer_iteration)
             logger.attach(evaluator, handler, event_name=Events.COMPLETED)
     trainer.add_event_handler(Events.COMPLETED, logger.close)

@@ -1,7 +1,8 @@
-"""Sound-event-detection scores as in DCASE and ``sed_eval`` 0.2.1: frame, segment, event and clip micro F1.
+"""Sound-event-detection scores as in DCASE and ``sed_eval`` 0.2.1: frame, segment, event and clip F1.
 
-Four micro-averaged F1 scores of binarised predictions against binary frame
-targets, for clips of ``T`` frames of ``frame_seconds`` each and ``C`` classes:
+Four micro-averaged F1 scores, and one class-averaged, of binarised
+predictions against binary frame targets, for clips of ``T`` frames of
+``frame_seconds`` each and ``C`` classes:
 
 ``frame_f1``
     Over all (clip, frame, class) cells.
@@ -17,6 +18,13 @@ targets, for clips of ``T`` frames of ``frame_seconds`` each and ``C`` classes:
     Audio tagging (``sed_eval.audio_tag.AudioTaggingMetrics``): over all
     (clip, class) pairs, a class being present in a clip's reference when any
     of its frames is active.
+``event_f1_macro``
+    The event-based F1 of each class, averaged over the classes with
+    reference events (sed_eval's ``class_wise_average`` with
+    ``empty_system_output_handling="zero_score"``, the DCASE baselines'
+    "collar-based F1").
+
+The intersection-based scores (PSDS, intersection F1) are in ``psds.py``.
 
 Conventions, the same as sed_eval's so that the numbers can be compared with
 published DCASE results (``tests/sed_eval_check`` checks them against
@@ -56,8 +64,8 @@ The functions take numpy (or array-like) binary activity, ``[B, T, C]`` or one
 clip's ``[T, C]`` (clip level: ``[B, C]`` or ``[C]``). Their ``*_counts`` forms
 return the counts (TP, N_sys, N_ref) behind a micro F1, which add up over
 batches. ``SEDScores`` is the Ignite metric: it binarises an evaluator's
-probabilities, adds up the counts of the four scores batch by batch (a fixed
-number of integers, never the predictions) and returns the four F1s.
+probabilities, adds up the counts of the scores batch by batch (a fixed
+number of integers, never the predictions) and returns the five F1s.
 """
 
 from __future__ import annotations
@@ -76,20 +84,25 @@ from ignite.metrics.metric import reinit__is_reduced, sync_all_reduce
 __all__ = [
     "SCORES",
     "Counts",
+    "Runs",
     "SEDScores",
     "activity_to_events",
     "clip_counts",
     "clip_f1",
     "event_counts",
+    "event_counts_per_class",
     "event_f1",
+    "event_f1_macro",
     "frame_counts",
     "frame_f1",
+    "macro_f1",
+    "runs_of",
     "segment_counts",
     "segment_f1",
 ]
 
 #: The scores SEDScores computes, in its order.
-SCORES = ("frame_f1", "segment_f1", "event_f1", "clip_f1")
+SCORES = ("frame_f1", "segment_f1", "event_f1", "clip_f1", "event_f1_macro")
 THRESHOLD = 0.5
 SEGMENT_SECONDS = 1.0
 T_COLLAR = 0.2
@@ -186,7 +199,7 @@ def _counts_of(pred: BoolArray, target: BoolArray) -> Counts:
 # ----------------------------------------------------------------------------- events
 
 
-class _Runs(NamedTuple):
+class Runs(NamedTuple):
     """Runs of active frames of a ``[B, T, C]`` activity, sorted by (clip, class, start)."""
 
     clip: IntArray
@@ -195,7 +208,8 @@ class _Runs(NamedTuple):
     stop: IntArray  # one past the last active frame
 
 
-def _runs(activity: BoolArray) -> _Runs:
+def runs_of(activity: BoolArray) -> Runs:
+    """The runs of active frames of bool ``[B, T, C]`` activity: one event per run, per clip and class."""
     by_class = activity.transpose(0, 2, 1)  # [B, C, T]: runs are along the last axis
     padded = np.zeros((*by_class.shape[:2], by_class.shape[2] + 2), dtype=np.int8)
     padded[..., 1:-1] = by_class
@@ -203,7 +217,7 @@ def _runs(activity: BoolArray) -> _Runs:
     # np.nonzero walks in C order, so the k-th rise and the k-th fall belong to the same run
     clip, cls, start = np.nonzero(step == 1)
     stop = np.nonzero(step == -1)[2]
-    return _Runs(clip, cls, start, stop)
+    return Runs(clip, cls, start, stop)
 
 
 def activity_to_events(activity: npt.ArrayLike, frame_seconds: float) -> list[tuple[float, float, int]]:
@@ -216,7 +230,7 @@ def activity_to_events(activity: npt.ArrayLike, frame_seconds: float) -> list[tu
     """
     seconds = _positive("frame_seconds", frame_seconds)
     clip = _binary("activity", activity, {2: "[frames, classes]"})
-    runs = _runs(clip[None])
+    runs = runs_of(clip[None])
     onsets, offsets = runs.start * seconds, runs.stop * seconds
     events = [(float(on), float(off), int(k)) for on, off, k in zip(onsets, offsets, runs.cls, strict=True)]
     return sorted(events)
@@ -262,8 +276,9 @@ def _max_matching(hits: BoolArray) -> int:
 
 
 def _event_tp(
-    ref: _Runs, est: _Runs, n_classes: int, frame_seconds: float, t_collar: float, percentage_of_length: float
-) -> int:
+    ref: Runs, est: Runs, n_classes: int, frame_seconds: float, t_collar: float, percentage_of_length: float
+) -> IntArray:
+    """True positives per class: the size of a maximum matching of hits, within each clip and class."""
     # one key per (clip, class), non-decreasing because runs are sorted by (clip, class, start)
     ref_key, est_key = ref.clip * n_classes + ref.cls, est.clip * n_classes + est.cls
     both = np.intersect1d(ref_key, est_key)  # only (clip, class) pairs with events on both sides can hit
@@ -271,13 +286,13 @@ def _event_tp(
     est_lo, est_hi = np.searchsorted(est_key, both, "left"), np.searchsorted(est_key, both, "right")
     ref_on, ref_off = ref.start * frame_seconds, ref.stop * frame_seconds
     est_on, est_off = est.start * frame_seconds, est.stop * frame_seconds
-    tp = 0
-    for r0, r1, e0, e1 in zip(ref_lo, ref_hi, est_lo, est_hi, strict=True):
+    tp = np.zeros(n_classes, dtype=np.intp)
+    for key, r0, r1, e0, e1 in zip(both, ref_lo, ref_hi, est_lo, est_hi, strict=True):
         on_r, off_r, on_e, off_e = ref_on[r0:r1, None], ref_off[r0:r1, None], est_on[None, e0:e1], est_off[None, e0:e1]
         # sed_eval's validate_onset / validate_offset, term for term
         onset_ok = np.abs(on_r - on_e) <= t_collar
         offset_ok = np.abs(off_r - off_e) <= np.maximum(t_collar, percentage_of_length * (off_r - on_r))
-        tp += _max_matching(onset_ok & offset_ok)
+        tp[key % n_classes] += _max_matching(onset_ok & offset_ok)
     return tp
 
 
@@ -285,7 +300,7 @@ def _segment_roll(activity: BoolArray, frame_seconds: float, segment_seconds: fl
     """``[B, C, segments]`` activity, from the events of ``activity`` [B, T, C] as sed_eval builds its event roll."""
     clips, frames, classes = activity.shape
     n_segments = math.ceil(frames * frame_seconds / segment_seconds)
-    runs = _runs(activity)
+    runs = runs_of(activity)
     # the same float expressions as sed_eval (onset and offset times first, then floor/ceil in segments), so that
     # an offset a rounding error past a segment boundary opens that segment here as it does there
     first = np.floor(runs.start * frame_seconds / segment_seconds).astype(np.intp)
@@ -305,10 +320,28 @@ def _segment_counts(pred: BoolArray, target: BoolArray, frame_seconds: float, se
 
 def _event_counts(
     pred: BoolArray, target: BoolArray, frame_seconds: float, t_collar: float, percentage_of_length: float
-) -> Counts:
-    est, ref = _runs(pred), _runs(target)
-    tp = _event_tp(ref, est, pred.shape[2], frame_seconds, t_collar, percentage_of_length)
-    return Counts(tp, len(est.start), len(ref.start))
+) -> IntArray:
+    """``[classes, 3]``: each class's (TP, N_sys, N_ref) of events."""
+    est, ref = runs_of(pred), runs_of(target)
+    classes = pred.shape[2]
+    tp = _event_tp(ref, est, classes, frame_seconds, t_collar, percentage_of_length)
+    return np.stack([tp, np.bincount(est.cls, minlength=classes), np.bincount(ref.cls, minlength=classes)], axis=1)
+
+
+def macro_f1(per_class: npt.ArrayLike) -> float:
+    """The mean of the classes' F1 ``2 TP / (N_sys + N_ref)``, over the classes with reference items.
+
+    ``per_class`` is ``[classes, 3]`` (TP, N_sys, N_ref). A class with
+    references and no estimate scores 0; a class without references is left
+    out (sed_eval's class-wise average with ``empty_system_output_handling=
+    "zero_score"``, as the DCASE baselines call it); 0.0 if no class has any.
+
+    >>> macro_f1([[1, 2, 2], [0, 0, 3], [0, 4, 0]])  # (2/4 + 0) / 2; the third class has no reference
+    0.25
+    """
+    counts = np.asarray(per_class, dtype=np.float64).reshape(-1, 3)
+    scored = counts[counts[:, 2] > 0]
+    return float(np.mean(2 * scored[:, 0] / (scored[:, 1] + scored[:, 2]))) if len(scored) else 0.0
 
 
 # ----------------------------------------------------------------------------- public functions
@@ -365,6 +398,18 @@ def event_counts(
     percentage_of_length: float = PERCENTAGE_OF_LENGTH,
 ) -> Counts:
     """Counts of matched, estimated and reference events (sed_eval's event-based, onset and offset)."""
+    per_class = event_counts_per_class(pred, target, frame_seconds, t_collar, percentage_of_length)
+    return Counts(*(int(v) for v in per_class.sum(axis=0)))
+
+
+def event_counts_per_class(
+    pred: npt.ArrayLike,
+    target: npt.ArrayLike,
+    frame_seconds: float,
+    t_collar: float = T_COLLAR,
+    percentage_of_length: float = PERCENTAGE_OF_LENGTH,
+) -> IntArray:
+    """``[classes, 3]``: each class's (TP, N_sys, N_ref) of events, as :func:`event_counts` counts them overall."""
     pred_b, target_b = _pair(pred, target, _FRAME_RANKS)
     seconds = _positive("frame_seconds", frame_seconds)
     collar = _positive("t_collar", t_collar)
@@ -397,6 +442,27 @@ def event_f1(
     return event_counts(pred, target, frame_seconds, t_collar, percentage_of_length).f1
 
 
+def event_f1_macro(
+    pred: npt.ArrayLike,
+    target: npt.ArrayLike,
+    frame_seconds: float,
+    t_collar: float = T_COLLAR,
+    percentage_of_length: float = PERCENTAGE_OF_LENGTH,
+) -> float:
+    """Class-averaged event-based F1 (sed_eval's ``class_wise_average``, the DCASE baselines' "event_f1_macro").
+
+    Each class's F1 from its own event counts, then :func:`macro_f1`: here
+    class 0 finds its event (F1 1) and class 1 misses its one (F1 0); the
+    micro F1 would be 2 * 1 / (1 + 2):
+
+    >>> target, pred = np.zeros((30, 2)), np.zeros((30, 2))
+    >>> target[10:20, 0] = pred[10:20, 0] = target[5:8, 1] = 1
+    >>> event_f1_macro(pred, target, frame_seconds=0.1), round(event_f1(pred, target, frame_seconds=0.1), 4)
+    (0.5, 0.6667)
+    """
+    return macro_f1(event_counts_per_class(pred, target, frame_seconds, t_collar, percentage_of_length))
+
+
 def clip_counts(pred: npt.ArrayLike, target: npt.ArrayLike) -> Counts:
     """Counts over all (clip, class) pairs of binary ``[B, C]`` (or ``[C]``) tags."""
     return _counts_of(*_pair(pred, target, _CLIP_RANKS))
@@ -424,14 +490,15 @@ class SEDScores(Metric):
     ``[B, C]`` (probabilities in [0, 1], not logits), ``frame_targets``
     ``[B, T, C]`` (0/1). Probabilities are binarised with ``>= threshold``;
     a clip's reference tags are the classes active in any of its frames. Each
-    batch adds its counts (TP, N_sys, N_ref per score); ``compute`` returns
-    ``{"frame_f1", "segment_f1", "event_f1", "clip_f1"}`` over all clips seen
+    batch adds its counts (TP, N_sys, N_ref per score, and per class for the
+    events); ``compute`` returns ``{"frame_f1", "segment_f1", "event_f1",
+    "clip_f1", "event_f1_macro"}`` over all clips seen
     since the last reset, with the conventions of the module docstring (F1 is
     0.0 when a score has no estimated and no reference items). The counts are
     summed over processes by Ignite's ``sync_all_reduce`` in a distributed run.
 
     Args:
-        frame_seconds: duration of one frame of ``frame_probs`` (10-s clips, 64 frames: 0.15625).
+        frame_seconds: duration of one frame of ``frame_probs`` (this example: 0.15625).
         threshold: binarisation threshold for frame and clip probabilities.
         segment_seconds: segment length of the segment-based score.
         t_collar: onset collar, and smallest offset collar, of the event-based score, in seconds.
@@ -449,16 +516,17 @@ class SEDScores(Metric):
     >>> SEDScores(frame_seconds=0.5).attach(evaluator, "sed")
     >>> state = evaluator.run([(frame_probs, clip_probs, frame_targets)])
     >>> {name: round(value, 4) for name, value in state.metrics["sed"].items()}
-    {'frame_f1': 0.8571, 'segment_f1': 1.0, 'event_f1': 0.5, 'clip_f1': 0.6667}
+    {'frame_f1': 0.8571, 'segment_f1': 1.0, 'event_f1': 0.5, 'clip_f1': 0.6667, 'event_f1_macro': 0.5}
 
     Frames: 3 of 4 estimated cells are right, 3 reference cells: 6 / 7. Both
     classes are right in their 1-s segment. Events: class 0 (0-1 s) matches;
     class 1 is estimated at 1.0 s but starts at 1.5 s, outside the 200-ms
-    collar: 2 * 1 / (2 + 2). Tags: class 1 is missed: 2 * 1 / (1 + 2).
+    collar: 2 * 1 / (2 + 2), and per class (1 + 0) / 2. Tags: class 1 is
+    missed: 2 * 1 / (1 + 2).
     """
 
     required_output_keys = ("frame_probs", "clip_probs", "frame_targets")
-    _state_dict_all_req_keys = ("_counts", "_num_clips")
+    _state_dict_all_req_keys = ("_counts", "_class_counts", "_num_clips")
 
     def __init__(
         self,
@@ -482,6 +550,8 @@ class SEDScores(Metric):
     def reset(self) -> None:
         # rows: frame, segment, event, clip; columns: Counts' tp, n_sys, n_ref
         self._counts = torch.zeros(4, 3, dtype=torch.int64, device=self._device)
+        # the event counts per class, [classes, 3], sized by the first batch (every process must see one)
+        self._class_counts = torch.zeros(0, 3, dtype=torch.int64, device=self._device)
         self._num_clips = torch.zeros((), dtype=torch.int64, device=self._device)
 
     @reinit__is_reduced
@@ -490,21 +560,26 @@ class SEDScores(Metric):
         pred = (frame_probs >= self.threshold).cpu().numpy()
         target = frame_targets.bool().cpu().numpy()
         tags = (clip_probs >= self.threshold).cpu().numpy()
+        per_class = _event_counts(pred, target, self.frame_seconds, self.t_collar, self.percentage_of_length)
         counts = [
             _counts_of(pred, target),
             _segment_counts(pred, target, self.frame_seconds, self.segment_seconds),
-            _event_counts(pred, target, self.frame_seconds, self.t_collar, self.percentage_of_length),
+            tuple(per_class.sum(axis=0)),
             _counts_of(tags, np.asarray(target.any(axis=1), dtype=np.bool_)),
         ]
         self._counts += torch.tensor(counts, dtype=torch.int64, device=self._device)
+        if not len(self._class_counts):
+            self._class_counts = torch.zeros(len(per_class), 3, dtype=torch.int64, device=self._device)
+        self._class_counts += torch.from_numpy(per_class).to(self._class_counts)
         self._num_clips += frame_probs.shape[0]
 
-    @sync_all_reduce("_counts", "_num_clips")
+    @sync_all_reduce("_counts", "_class_counts", "_num_clips")
     def compute(self) -> dict[str, float]:
         if int(self._num_clips) == 0:
             raise NotComputableError("SEDScores must have at least one clip before it can be computed")
         rows = self._counts.tolist()
-        return {name: Counts(*row).f1 for name, row in zip(SCORES, rows, strict=True)}
+        scores = {name: Counts(*row).f1 for name, row in zip(SCORES[:4], rows, strict=True)}  # the micro ones
+        return scores | {"event_f1_macro": macro_f1(self._class_counts.cpu().numpy())}
 
     @staticmethod
     def _check(output: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

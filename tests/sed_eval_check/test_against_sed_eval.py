@@ -1,4 +1,4 @@
-"""Our segment-, event- and clip-level micro F1 against sed_eval 0.2.1 itself, on random activity.
+"""Our segment-, event- and clip-level micro F1 and macro event F1 against sed_eval 0.2.1 itself, on random activity.
 
 sed_eval and its dcase_util need old pandas and setuptools (pkg_resources), so
 they live in their own tox env: ``tox -e sed_eval``. Elsewhere this module is
@@ -33,6 +33,7 @@ from examples.sed_f1.metrics import (
     activity_to_events,
     clip_counts,
     event_counts,
+    event_f1_macro,
     segment_counts,
 )
 
@@ -95,7 +96,10 @@ def _events(activity: Any, frame_seconds: float, filename: str) -> list[dict[str
 
 def _sed_eval_scores(pred: Any, target: Any, frame_seconds: float) -> dict[str, Any]:
     segment = sed_eval.sound_event.SegmentBasedMetrics(event_label_list=LABELS, time_resolution=1.0)
-    event = sed_eval.sound_event.EventBasedMetrics(event_label_list=LABELS, t_collar=0.2, percentage_of_length=0.2)
+    # the DCASE baselines' call (desed_task.evaluation.evaluation_measures.event_based_evaluation_df)
+    event = sed_eval.sound_event.EventBasedMetrics(
+        event_label_list=LABELS, t_collar=0.2, percentage_of_length=0.2, empty_system_output_handling="zero_score"
+    )
     assert event.event_matching_type == "optimal"  # the default we claim to follow
     tagging = sed_eval.audio_tag.AudioTaggingMetrics(tags=LABELS)
     clip_seconds = pred.shape[1] * frame_seconds
@@ -114,6 +118,7 @@ def _sed_eval_scores(pred: Any, target: Any, frame_seconds: float) -> dict[str, 
     return {
         "segment": (segment.overall, segment.overall_f_measure()["f_measure"]),
         "event": (event.overall, event.overall_f_measure()["f_measure"]),
+        "event_macro": event.results_class_wise_average_metrics()["f_measure"]["f_measure"],
         "clip": (tagging.overall, tagging.results_overall_metrics()["f_measure"]["f_measure"]),
     }
 
@@ -132,10 +137,21 @@ def test_segment_event_and_clip_scores_match_sed_eval(seed: int, frame_seconds: 
         "event": event_counts(pred, target, frame_seconds),
         "clip": clip_counts(pred.any(axis=1), target.any(axis=1)),
     }
+    macro = theirs.pop("event_macro")
     for name, (overall, f_measure) in theirs.items():
         assert 0.0 < f_measure < 1.0, f"{name}: a trivial case compares nothing; change the generator"
         assert ours[name] == _as_counts(overall), name
         assert ours[name].f1 == pytest.approx(f_measure, abs=1e-6), name
+    assert event_f1_macro(pred, target, frame_seconds) == pytest.approx(macro, abs=1e-6)
+
+
+def test_macro_event_f1_leaves_out_a_class_without_references_as_sed_eval_does() -> None:
+    """A class with estimates but no reference has recall 0/0: sed_eval's class-wise average skips it, so do we."""
+    pred, target = _random_clips(np.random.default_rng(3), clips=8, frames=64, frame_seconds=0.15625)
+    target[..., 2] = False  # no "dishes" reference anywhere; its estimates remain
+    pred[..., 3] = False  # "speech" is never estimated: F1 0 (zero_score), not skipped
+    macro = _sed_eval_scores(pred, target, 0.15625)["event_macro"]
+    assert event_f1_macro(pred, target, 0.15625) == pytest.approx(macro, abs=1e-6)
 
 
 @pytest.mark.parametrize(("frame_seconds", "frames"), GRIDS)
@@ -168,6 +184,7 @@ def test_the_ignite_metric_matches_sed_eval_over_batches() -> None:
     theirs = _sed_eval_scores(pred, target, frame_seconds)
     assert scores["segment_f1"] == pytest.approx(theirs["segment"][1], abs=1e-6)
     assert scores["event_f1"] == pytest.approx(theirs["event"][1], abs=1e-6)
+    assert scores["event_f1_macro"] == pytest.approx(theirs["event_macro"], abs=1e-6)
     tagging = sed_eval.audio_tag.AudioTaggingMetrics(tags=LABELS)
     for clip in range(clips):
         tags = {"reference": target[clip].any(axis=0), "estimated": clip_pred[clip]}
