@@ -218,6 +218,12 @@ def quick_out(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@pytest.mark.parametrize("start", [-0.1, 1.5])
+def test_a_learning_rate_decay_start_outside_the_run_is_refused(start: float) -> None:
+    with pytest.raises(ValueError, match=rf"lr_decay_start must be a fraction in \[0, 1\]; found {start}"):
+        TrainConfig(lr_decay_start=start)
+
+
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:Attribute 'ema_momentum' is not defined")
 def test_the_copy_teacher_regression_is_reproduced(quick_out: Path) -> None:
@@ -261,16 +267,23 @@ def test_the_command_line_writes_table_json_plot_and_tensorboard(
     events = EventAccumulator(str(quick_out / "tensorboard" / "ema_train-seed0"))
     events.Reload()
     tags = set(events.Tags()["scalars"])
-    expected = {"train/loss", "train/consistency_weight", "train/ema_momentum", "teacher/event_f1", "teacher/psds1"}
-    assert expected | {"student/frame_f1", "student/intersection_f1"} <= tags
+    expected = {"train/loss", "train/consistency_weight", "train/ema_momentum", "lr/group_0", "teacher/event_f1"}
+    assert expected | {"teacher/psds1", "student/frame_f1", "student/intersection_f1"} <= tags
     assert [e.step for e in events.Scalars("teacher/frame_f1")] == [50, 100]
+    # The default schedule: constant to iteration 50 of 100, then linearly to 0 (logged at ITERATION_STARTED, so
+    # iteration i trains with the value of step i - 1 of the schedule).
+    logged = events.Scalars("lr/group_0")
+    assert [e.step for e in logged] == list(range(10, 101, 10))
+    expected = [4e-3 * min(1.0, (100 - (e.step - 1)) / 50) for e in logged]
+    assert np.allclose([e.value for e in logged], expected, rtol=1e-6, atol=0)
 
 
 @pytest.mark.slow
 def test_the_convergence_study_writes_its_json_and_plot(quick_out: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = quick_out / "study"
     shutil.copytree(quick_out / "features", out / "features")  # the same --quick data: reused, not made again
-    main(["--study", "convergence", "--quick", "--iters", "50", "--no-progress", "--out", str(out)])
+    # 100 iterations: evaluations at 50 and 100, the first in the constant learning rate, where the angles are taken
+    main(["--study", "convergence", "--quick", "--iters", "100", "--no-progress", "--out", str(out)])
     printed = capsys.readouterr().out
     assert "| copy (adam) | teacher | 1 |" in printed and "| ema_train (adamw) | student | 1 |" in printed
     assert "copy teacher event F1 over the last third of training" in printed

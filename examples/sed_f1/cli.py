@@ -31,7 +31,9 @@ writes convergence.json, convergence.md and convergence.png."""
 
 #: The default job: the report's teacher against the fix, trained until the curves plateau (see docs/sed_f1.md).
 DEFAULT_RUNS = ("ignite-copy", "ema_train")
-DEFAULT = TrainConfig(iterations=2000, eval_every=250, optimizer="adamw", weight_decay=0.1, ema_decay=0.998)
+DEFAULT = TrainConfig(
+    iterations=2000, eval_every=250, optimizer="adamw", lr_decay_start=0.5, weight_decay=0.1, ema_decay=0.998
+)
 QUICK = dataclasses.replace(DEFAULT, iterations=200, eval_every=100)
 STUDY = DEFAULT  # both optimisers, everything else as the default job
 STUDY_SEEDS = 2
@@ -52,6 +54,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--optimizer", choices=OPTIMIZERS, default=None, help=f"default {DEFAULT.optimizer}")
     parser.add_argument("--weight-decay", type=float, default=None, help=f"AdamW's (default {DEFAULT.weight_decay})")
     parser.add_argument("--ema-decay", type=float, default=None, help=f"the teacher's (default {DEFAULT.ema_decay})")
+    parser.add_argument(
+        "--lr-decay-start",
+        type=float,
+        default=None,
+        help="the fraction of the iterations after which the learning rate falls linearly to 0 by the end; 1 "
+        f"keeps it constant (default {DEFAULT.lr_decay_start})",
+    )
     parser.add_argument("--workers", type=int, default=2, help="worker processes, one core each (default 2)")
     parser.add_argument(
         "--nproc",
@@ -91,18 +100,27 @@ def _config(args: argparse.Namespace) -> TrainConfig:
     if optimizer == "adam":
         weight_decay = 0.0
     ema_decay = args.ema_decay if args.ema_decay is not None else config.ema_decay
+    lr_decay_start = args.lr_decay_start if args.lr_decay_start is not None else config.lr_decay_start
     try:
-        return dataclasses.replace(config, optimizer=optimizer, weight_decay=weight_decay, ema_decay=ema_decay)
+        return dataclasses.replace(
+            config, optimizer=optimizer, weight_decay=weight_decay, ema_decay=ema_decay, lr_decay_start=lr_decay_start
+        )
     except ValueError as error:
         raise SystemExit(f"python -m examples.sed_f1: error: {error}") from None
+
+
+def _lr_schedule(config: TrainConfig) -> str:
+    if config.lr_decay_start >= 1.0:
+        return ""
+    return f", to 0 from iteration {int(config.lr_decay_start * config.iterations)}"
 
 
 def _describe(config: TrainConfig) -> str:
     decay = f", weight decay {config.weight_decay}" if config.weight_decay else ""
     return (
         f"{config.iterations} iterations of {config.labelled_per_batch} + {config.unlabelled_per_batch} clips, "
-        f"{config.optimizer} (lr {config.lr}{decay}), EMA decay {config.ema_decay}, median filter "
-        f"{config.median_frames} frames"
+        f"{config.optimizer} (lr {config.lr}{_lr_schedule(config)}{decay}), EMA decay {config.ema_decay}, "
+        f"median filter {config.median_frames} frames"
     )
 
 

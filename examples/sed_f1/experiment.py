@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from ignite.engine import Engine, Events, create_supervised_evaluator
 from ignite.handlers import EMAHandler as UpstreamEMAHandler
-from ignite.handlers import ProgressBar, global_step_from_engine
+from ignite.handlers import PiecewiseLinear, ProgressBar, global_step_from_engine
 from ignite.handlers.tensorboard_logger import OutputHandler, TensorboardLogger
 from ignite.metrics import Metric
 from torch import Tensor, nn
@@ -65,6 +65,8 @@ class TrainConfig:
     unlabelled_per_batch: int = 12
     optimizer: str = "adam"  # or "adamw": decoupled weight decay, on every parameter
     lr: float = 4e-3
+    # the fraction of the iterations after which the learning rate falls linearly to 0 at the end (1.0: constant)
+    lr_decay_start: float = 1.0
     weight_decay: float = 0.0  # AdamW's
     ema_decay: float = 0.998  # momentum = 1 - decay
     consistency_weight: float = 2.0
@@ -77,6 +79,8 @@ class TrainConfig:
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}; found {self.optimizer!r}")
         if self.weight_decay and self.optimizer != "adamw":
             raise ValueError(f"weight_decay is AdamW's; found weight_decay={self.weight_decay} with {self.optimizer}")
+        if not 0.0 <= self.lr_decay_start <= 1.0:
+            raise ValueError(f"lr_decay_start must be a fraction in [0, 1]; found {self.lr_decay_start}")
 
 
 @dataclass
@@ -207,6 +211,10 @@ def train_run(
         rampup_iters=int(config.rampup_fraction * config.iterations),
     )
     teacher = handler.ema_model if handler is not None else None
+    if config.lr_decay_start < 1.0:
+        decay_from = int(config.lr_decay_start * config.iterations)
+        milestones = [(decay_from, config.lr), (config.iterations, 0.0)]
+        trainer.add_event_handler(Events.ITERATION_STARTED, PiecewiseLinear(optimizer, "lr", milestones))
 
     test = _test_batches(data.test)
     # no DDP collectives in evaluation
@@ -215,8 +223,12 @@ def train_run(
     motion = ConvMotion(unwrap_model(student), teacher, rate=momentum)
     motion.attach(trainer)
     curve: dict[int, dict[str, dict[str, Any]]] = {}
+    # Every eval_every iterations and at the end, but not twice in a row near the end (the plateau check compares
+    # the last two evaluations, which must be about eval_every apart).
     evaluate_at = Events.ITERATION_COMPLETED(
-        event_filter=lambda _, i: i % config.eval_every == 0 or i == config.iterations  # and once at the end
+        event_filter=lambda _, i: (
+            i == config.iterations or (i % config.eval_every == 0 and config.iterations - i >= config.eval_every // 2)
+        )
     )
     if name == "copy+recal" and teacher is not None:
         train_x = np.concatenate([data.labelled.x, data.unlabelled.x])
@@ -238,7 +250,7 @@ def train_run(
     if on_iterations is not None:
         trainer.add_event_handler(Events.ITERATION_COMPLETED(every=every), lambda: on_iterations(every))
     if log_dir is not None:
-        _attach_tensorboard(trainer, student_eval, teacher_eval, log_dir)
+        _attach_tensorboard(trainer, optimizer, student_eval, teacher_eval, log_dir)
 
     with warnings.catch_warnings():
         # The eval-mode teachers ("copy", "update", upstream's) warn that they run in eval mode
@@ -261,8 +273,11 @@ def train_run(
     )
 
 
-def _attach_tensorboard(trainer: Engine, student_eval: Engine, teacher_eval: Engine | None, log_dir: Path) -> None:
-    """Losses, consistency weight and EMA momentum every 10 iterations; F1 of both models at each evaluation."""
+def _attach_tensorboard(
+    trainer: Engine, optimizer: torch.optim.Optimizer, student_eval: Engine, teacher_eval: Engine | None, log_dir: Path
+) -> None:
+    """Losses, consistency weight, EMA momentum and learning rate every 10 iterations; every score of both models
+    at each evaluation."""
     logger = TensorboardLogger(log_dir=str(log_dir))
     logger.attach(
         trainer,
@@ -273,6 +288,7 @@ def _attach_tensorboard(trainer: Engine, student_eval: Engine, teacher_eval: Eng
         ),
         event_name=Events.ITERATION_COMPLETED(every=10),
     )
+    logger.attach_opt_params_handler(trainer, Events.ITERATION_STARTED(every=10), optimizer, param_name="lr")
 
     trainer_iteration = global_step_from_engine(trainer, Events.ITERATION_COMPLETED)
     for tag, evaluator in (("student", student_eval), ("teacher", teacher_eval)):

@@ -5,7 +5,8 @@ weight decay), for several seeds, long enough for the students and the
 ``ema_train`` teachers to plateau. Reported: the scores at the end, the copy
 teacher's spread over the last third of training, the conv norm ratios over
 time, and the measured angular update per step against the random-walk
-prediction of ``motion.py``.
+prediction of ``motion.py``, over the last third of the constant learning rate
+(the prediction is for a steady state, which the final decay leaves).
 """
 
 from __future__ import annotations
@@ -41,10 +42,10 @@ def study_jobs(seeds: Sequence[int], configs: dict[str, TrainConfig]) -> list[Jo
     ]
 
 
-def _last_third(result: RunResult) -> list[int]:
-    """The evaluation iterations in the last third of training."""
-    steps = sorted(result.curve)
-    return [s for s in steps if s >= steps[-1] * 2 / 3]
+def _last_third(result: RunResult, end: int | None = None) -> list[int]:
+    """The evaluation iterations in the last third of training, or of its first ``end`` iterations."""
+    end = max(result.curve) if end is None else end
+    return [s for s in sorted(result.curve) if end * 2 / 3 <= s <= end]
 
 
 def summarise(results: Sequence[RunResult], configs: dict[str, TrainConfig]) -> dict[str, Any]:
@@ -89,8 +90,10 @@ def _over_time(runs: dict[str, list[RunResult]], field: str) -> dict[str, dict[i
 
 
 def _angles(runs: dict[str, list[RunResult]], config: TrainConfig) -> dict[str, Any]:
-    """Over the last third, mean over seeds and evaluations: angles per step, predictions and measured ratios."""
-    out: dict[str, Any] = {}
+    """Over the last third of the constant learning rate, mean over seeds and evaluations: angles per step,
+    predictions and measured ratios."""
+    constant_until = int(config.lr_decay_start * config.iterations)
+    out: dict[str, Any] = {"window": [constant_until * 2 / 3, constant_until]}
     for name, rows in runs.items():
         fields = ("angle_per_step", "angle_per_step_over_horizon", "predicted_ratio",
                   "predicted_ratio_over_horizon", "norm_ratio")  # fmt: skip
@@ -98,7 +101,12 @@ def _angles(runs: dict[str, list[RunResult]], config: TrainConfig) -> dict[str, 
             f: [
                 statistics.mean(layer)
                 for layer in zip(
-                    *(r.curve[s]["motion"][f] for r in rows for s in _last_third(r) if r.curve[s]["motion"][f]),
+                    *(
+                        r.curve[s]["motion"][f]
+                        for r in rows
+                        for s in _last_third(r, constant_until)
+                        if r.curve[s]["motion"][f]
+                    ),
                     strict=True,
                 )
             ]
@@ -120,7 +128,9 @@ def study_text(results: Sequence[RunResult], summary: dict[str, Any]) -> str:
     for optimizer, part in summary.items():
         config = part["config"]
         decay = f", weight decay {config['weight_decay']}" if config["weight_decay"] else ""
-        lines.append(f"### {optimizer} (lr {config['lr']}{decay}, EMA decay {config['ema_decay']})")
+        constant_until = int(config["lr_decay_start"] * config["iterations"])
+        schedule = f", to 0 from iteration {constant_until}" if config["lr_decay_start"] < 1 else ""
+        lines.append(f"### {optimizer} (lr {config['lr']}{schedule}{decay}, EMA decay {config['ema_decay']})")
         lines.append("")
         gaps = ", ".join(f"{100 * g:.1f}" for g in part["event_f1_gap_per_seed"].values())
         below = ", ".join(f"{100 * g:+.1f}" for g in part["copy_teacher_below_its_student_per_seed"].values())
@@ -140,10 +150,11 @@ def study_text(results: Sequence[RunResult], summary: dict[str, Any]) -> str:
             lines.append(
                 f"- equilibrium angular update sqrt(2 lr wd) = {angles['equilibrium_angle_per_step']:.4f} rad/step"
             )
-        for name in (n for n in angles if n != "equilibrium_angle_per_step"):
+        window = "iterations {:.0f} to {:.0f}".format(*angles["window"])
+        for name in (n for n in angles if n not in ("equilibrium_angle_per_step", "window")):
             a = angles[name]
             lines.append(
-                f"- {name}, last third: angle per step {_layers(a['angle_per_step'], 4)} rad -> predicted ratio "
+                f"- {name}, {window}: angle per step {_layers(a['angle_per_step'], 4)} rad -> predicted ratio "
                 f"{_layers(a['predicted_ratio'])}; over the EMA horizon {_layers(a['angle_per_step_over_horizon'], 4)}"
                 f" rad/sqrt(step) -> {_layers(a['predicted_ratio_over_horizon'])}; measured "
                 f"{_layers(a['norm_ratio'])}"
