@@ -149,6 +149,20 @@ def _scores(evaluator: Engine, test: list[tuple[Tensor, Tensor]]) -> dict[str, f
     return dict(metrics["sed"]) | dict(metrics["psds"])
 
 
+def evaluates_at(iteration: int, config: TrainConfig) -> bool:
+    """Every ``eval_every`` iterations and at the end, but not twice close together just before the end.
+
+    The plateau check compares the last two evaluations, which must be about ``eval_every`` apart:
+
+    >>> config = TrainConfig(iterations=2500, eval_every=312)
+    >>> [i for i in range(1, 2501) if evaluates_at(i, config)][-3:]
+    [1872, 2184, 2500]
+    """
+    if iteration == config.iterations:
+        return True
+    return iteration % config.eval_every == 0 and config.iterations - iteration >= config.eval_every // 2
+
+
 def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
     """Adam, or AdamW with ``config.weight_decay`` on every parameter."""
     if config.optimizer == "adamw":
@@ -223,13 +237,7 @@ def train_run(
     motion = ConvMotion(unwrap_model(student), teacher, rate=momentum)
     motion.attach(trainer)
     curve: dict[int, dict[str, dict[str, Any]]] = {}
-    # Every eval_every iterations and at the end, but not twice in a row near the end (the plateau check compares
-    # the last two evaluations, which must be about eval_every apart).
-    evaluate_at = Events.ITERATION_COMPLETED(
-        event_filter=lambda _, i: (
-            i == config.iterations or (i % config.eval_every == 0 and config.iterations - i >= config.eval_every // 2)
-        )
-    )
+    evaluate_at = Events.ITERATION_COMPLETED(event_filter=lambda _, i: evaluates_at(i, config))
     if name == "copy+recal" and teacher is not None:
         train_x = np.concatenate([data.labelled.x, data.unlabelled.x])
         batches = np.array_split(train_x[: 24 * config.recal_batches], config.recal_batches)
