@@ -4,7 +4,7 @@
 (ours attached to an engine, minus the bare engine) / ``torch._foreach_lerp_`` alone and / the floor, and
 ours' µs per update. Both ratios are taken within a round of one process, so they survive a machine whose
 speed drifts; run it in two checkouts, alternating, and compare the ratios (an older checkout needs the
-script copied in; the helpers it uses are there from commit a9f8b78 on)::
+script copied in; the helpers it uses, models.MODELS among them, are there from commit a9f8b78 on)::
 
     git worktree add ../old <commit> && cp benchmarks/ab_update.py ../old/benchmarks/
     for i in 1 2 3; do for d in ../old .; do (cd $d && python -m benchmarks.ab_update 11); done; done
@@ -15,27 +15,18 @@ from __future__ import annotations
 import json
 import statistics
 import sys
-from collections.abc import Callable
 from functools import partial
 
 import torch
-from torch import nn
 
 from benchmarks import contenders, models
 from benchmarks.measure import interleaved, use_cpu_clock
 
-#: (name, model builder, updates per timed run): as in the full benchmark.
-MODELS: tuple[tuple[str, Callable[[], nn.Module], int], ...] = (
-    ("conv", models.conv_stack, 6),
-    ("transformer", models.transformer_encoder, 8),
-    ("small", models.many_small, 48),
-)
-
 
 def measure(rounds: int) -> dict[str, dict[str, float]]:
     out: dict[str, dict[str, float]] = {}
-    for name, build, n in MODELS:
-        student = build()
+    for spec in models.MODELS:
+        student, n = spec.build(), spec.updates_per_run
         runs = {
             "ours": contenders.ours_on_engine(student, contenders.MOMENTUM),
             "bare": contenders.EngineContender("bare"),
@@ -44,7 +35,7 @@ def measure(rounds: int) -> dict[str, dict[str, float]]:
         }
         times = interleaved({key: partial(c.timed_run, n) for key, c in runs.items()}, rounds, 1)
         ours = [t - b for t, b in zip(times["ours"], times["bare"], strict=True)]
-        out[name] = {
+        out[spec.key] = {
             "ours_over_foreach": statistics.median(o / f for o, f in zip(ours, times["foreach"], strict=True)),
             "ours_over_floor": statistics.median(o / f for o, f in zip(ours, times["floor"], strict=True)),
             "ours_us_per_update": statistics.median(ours) / n * 1e6,

@@ -16,7 +16,7 @@ The timings are wall-clock (the gathers wait on the other rank) and rank 0's.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from functools import partial
 from typing import Any
 
@@ -27,11 +27,11 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
 from benchmarks.contenders import MOMENTUM
-from benchmarks.measure import Settings, interleaved, median
+from benchmarks.measure import Settings, interleaved, mean_call_seconds, median, use_cpu_clock
 from benchmarks.models import MODELS
 from benchmarks.report import paired_ratio, print_table, us
 from ignite_ema import ModelEMA, run_on_processes
-from ignite_ema.distributed import world_size
+from ignite_ema.distributed import local, world_size
 
 OURS, FLOOR, GATHER = "ignite_ema shard-local", "floor: _foreach_lerp_ over the local shards", "gather per update"
 
@@ -47,27 +47,17 @@ def _sharded(key: str) -> nn.Module:
     return model
 
 
-def _timed(fn: Callable[[], object], calls: int) -> float:
-    from time import perf_counter
-
-    start = perf_counter()
-    for _ in range(calls):
-        fn()
-    return (perf_counter() - start) / calls
-
-
 def _rank(key: str, rounds: int, calls: int) -> dict[str, Any]:
-    torch.set_num_threads(1)
+    use_cpu_clock(False)  # wall clock: the gathers wait on the other rank
     model = _sharded(key)
     ema = ModelEMA(model, handle_buffers="update")
     state = ema.sharded_state_dict()["tensors"]
-    ema_bytes = sum((t.to_local() if isinstance(t, DTensor) else t).numel() * t.element_size() for t in state.values())
+    ema_bytes = sum(local(t).numel() * t.element_size() for t in state.values())
 
-    floating = [t for n, t in model.named_parameters()] + [b for b in model.buffers() if b.is_floating_point()]
-    students = [(t.to_local() if isinstance(t, DTensor) else t).detach() for t in floating]
-    shadows = [s.clone() for s in students]
-    whole_ema = [(p.full_tensor() if isinstance(p, DTensor) else p).detach().clone() for p in model.parameters()]
     params = list(model.parameters())
+    students = [local(t) for t in params + [b for b in model.buffers() if b.is_floating_point()]]
+    shadows = [s.clone() for s in students]
+    whole_ema = [(p.full_tensor() if isinstance(p, DTensor) else p).detach().clone() for p in params]
 
     @torch.no_grad()
     def floor() -> None:
@@ -79,9 +69,9 @@ def _rank(key: str, rounds: int, calls: int) -> dict[str, Any]:
         torch._foreach_lerp_(whole_ema, gathered, MOMENTUM)
 
     runs = {
-        OURS: partial(_timed, partial(ema.update, MOMENTUM), calls),
-        FLOOR: partial(_timed, floor, calls),
-        GATHER: partial(_timed, gather, max(1, calls // 4)),
+        OURS: partial(mean_call_seconds, partial(ema.update, MOMENTUM), calls),
+        FLOOR: partial(mean_call_seconds, floor, calls),
+        GATHER: partial(mean_call_seconds, gather, max(1, calls // 4)),
     }
     times = interleaved(runs, rounds, warmup=1)
     return {

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any
@@ -31,7 +30,9 @@ import torch
 from ignite.engine import Engine, Events
 from torch import nn
 
-from benchmarks.models import MODELS
+from benchmarks.measure import mean_call_seconds
+from benchmarks.models import MODELS, describe
+from benchmarks.swap_bench import swap_once
 from ignite_ema import EMAHandler, ModelEMA, named_tensors
 
 
@@ -52,10 +53,7 @@ def _time_us(fn: Callable[[], object], device: torch.device, calls: int) -> floa
         end.record()
         torch.cuda.synchronize(device)
         return 1000.0 * start.elapsed_time(end) / calls
-    begin = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    return 1e6 * (time.perf_counter() - begin) / calls
+    return 1e6 * mean_call_seconds(fn, calls)
 
 
 def check_bf16(device: torch.device) -> dict[str, Any]:
@@ -96,11 +94,10 @@ def check_swap(device: torch.device) -> dict[str, Any]:
     for name, value in own.items():
         assert torch.equal(model.state_dict()[name], value), name
 
-    def swap_once() -> None:
-        with ema.swapped():
-            pass
-
-    result: dict[str, Any] = {"swap in and out, us": _time_us(swap_once, device, 10), "largest tensor B": largest}
+    result: dict[str, Any] = {
+        "swap in and out, us": _time_us(partial(swap_once, ema), device, 10),
+        "largest tensor B": largest,
+    }
     if peak is not None:
         assert peak <= largest, (peak, largest)
         result["peak extra device memory B"] = peak
@@ -166,7 +163,7 @@ def check_floor(device: torch.device, keys: Sequence[str]) -> dict[str, Any]:
         torch.manual_seed(0)
         model = spec.build().to(device)
         ema = ModelEMA(model, handle_buffers="update")
-        elements = sum(t.numel() for t in named_tensors(model).values() if t.is_floating_point())
+        elements = describe(model)["averaged_elements"]
         flat_ema, flat_student = torch.zeros(elements, device=device), torch.ones(elements, device=device)
         calls = 50 if device.type == "cuda" else 5
         ours = _time_us(partial(ema.update, 2e-4), device, calls)

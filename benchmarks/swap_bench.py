@@ -22,7 +22,7 @@ from ignite_ema import ModelEMA, named_tensors
 SWAP, RELOAD = "ignite_ema swapped() in and out", "state_dict clone + load_state_dict in and out"
 
 
-def _swap_once(ema: ModelEMA) -> None:
+def swap_once(ema: ModelEMA) -> None:
     with ema.swapped():
         pass
 
@@ -39,7 +39,7 @@ def bench_swap(spec: ModelSpec, settings: Settings) -> dict[str, Any]:
     ema = ModelEMA(student, handle_buffers="update")
     assert ema.ema_model is not None
     calls: dict[str, Callable[[], None]] = {
-        SWAP: partial(_swap_once, ema),
+        SWAP: partial(swap_once, ema),
         RELOAD: partial(_reload_once, student, ema.ema_model),
     }
     runs = {

@@ -67,6 +67,9 @@ class EngineClock:
         restored: whether a state was loaded.
     """
 
+    #: The keys of :meth:`state_dict`, which the handlers' own states carry.
+    KEYS = ("last_update_iteration", "iteration_offset")
+
     def __init__(self) -> None:
         self.last_update = 0
         self.offset = 0

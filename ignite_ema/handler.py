@@ -32,7 +32,7 @@ class _Default(float):
 
 
 _MOMENTUM_DEFAULT = _Default(0.0002)
-_COUNTERS = ("num_averaged", "last_update_iteration", "num_skipped", "iteration_offset")
+_COUNTERS = ("num_averaged", "num_skipped", *EngineClock.KEYS)
 
 
 class _ForwardProbe:

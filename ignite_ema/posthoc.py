@@ -41,7 +41,7 @@ from ignite_ema.schedules import HalfLife
 
 __all__ = ["PostHocEMA"]
 
-_COUNTERS = ("last_update_iteration", "iteration_offset")
+_COUNTERS = EngineClock.KEYS
 _RECORD_KEYS = ("file", "iteration", "index", "sigma_rel", "gamma")
 
 
@@ -256,7 +256,7 @@ class PostHocEMA(Serializable):
             return
         momenta = tuple(power_momentum(g, iteration, delta) for g in self.gammas)
         for ema, momentum in zip(self._emas, momenta, strict=True):
-            if delta == iteration:
+            if delta == iteration:  # the first update: each EMA starts as the student
                 ema.copy_student()
             else:
                 ema.update(momentum)
@@ -291,8 +291,9 @@ class PostHocEMA(Serializable):
             tensors = ema.state_dict()["tensors"]  # on every rank: for a sharded model, a collective
             if idist.get_rank() == 0:
                 self._saver(self._payload(tensors, iteration, index), filename)
-            record = {"file": filename, "iteration": iteration, "index": index, "sigma_rel": sigma_rel}
-            self._records.append({**record, "gamma": gamma})
+            self._records.append(
+                {"file": filename, "iteration": iteration, "index": index, "sigma_rel": sigma_rel, "gamma": gamma}
+            )
 
     def _payload(self, tensors: Mapping[str, Tensor], iteration: int, index: int) -> dict[str, Any]:
         layout, buffers = pack_snapshot(tensors, self._averaged, self.snapshot_dtype)
@@ -406,8 +407,7 @@ class PostHocEMA(Serializable):
             )
         if not isinstance(state_dict["run_id"], str):
             raise ValueError(f"PostHocEMA state 'run_id' must be a string; found {state_dict['run_id']!r}")
-        for key in _COUNTERS:
-            check_count(f"PostHocEMA state '{key}'", state_dict[key], minimum=0)
+        counters = {key: check_count(f"PostHocEMA state '{key}'", state_dict[key], minimum=0) for key in _COUNTERS}
         emas = state_dict["emas"]
         if not isinstance(emas, Sequence) or len(emas) != len(self._emas):
             raise ValueError(f"PostHocEMA state 'emas' must be a list of {len(self._emas)} EMA states")
@@ -418,7 +418,7 @@ class PostHocEMA(Serializable):
             ema.load_state_dict(state)
         self._records = records
         self._run_id = state_dict["run_id"]
-        self._clock.load_state_dict({k: int(state_dict[k]) for k in _COUNTERS})
+        self._clock.load_state_dict(counters)
 
     def _check_record(self, record: object) -> dict[str, Any]:
         if not isinstance(record, Mapping) or any(k not in record for k in _RECORD_KEYS):

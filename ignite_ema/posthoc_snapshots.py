@@ -16,6 +16,7 @@ goes by the contents.
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
@@ -62,10 +63,7 @@ class Slot:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for size in self.shape:
-            n *= size
-        return n
+        return math.prod(self.shape)
 
     def view(self, buffers: Mapping[str, Tensor]) -> Tensor:
         return buffers[self.buffer][self.offset : self.offset + self.numel].view(self.shape)

@@ -22,7 +22,9 @@ results.md and the snapshots to --out."""
 def main(argv: Sequence[str] | None = None) -> list[Results]:
     parser = argparse.ArgumentParser(prog="python -m examples.posthoc", description=DESCRIPTION)
     parser.add_argument("--seeds", type=int, default=3, help="seeds, one training run each (default 3)")
-    parser.add_argument("--iters", type=int, default=None, help="training iterations per run (default 1000)")
+    parser.add_argument(
+        "--iters", type=int, default=None, help=f"training iterations per run (default {Config.iterations})"
+    )
     parser.add_argument("--out", type=Path, default=Path("runs/posthoc"), help="output folder (default runs/posthoc)")
     parser.add_argument("--quick", action="store_true", help="a smoke run: 1 seed, 300 iterations")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -30,7 +32,7 @@ def main(argv: Sequence[str] | None = None) -> list[Results]:
     if args.seeds < 1 or (args.iters is not None and args.iters < 20):
         parser.error("--seeds must be at least 1, --iters at least 20")
     seeds = 1 if args.quick else args.seeds
-    iterations = args.iters or (300 if args.quick else 1000)
+    iterations = args.iters or (300 if args.quick else Config.iterations)
     torch.set_num_threads(1)  # one core: the run is small, and threads fight on a shared machine
     args.out.mkdir(parents=True, exist_ok=True)
 

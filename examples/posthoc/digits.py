@@ -49,7 +49,7 @@ GRID = tuple(round(0.01 * i, 2) for i in range(2, 29))  # 0.02 ... 0.28, reconst
 
 @dataclass(frozen=True)
 class Config:
-    iterations: int = 1500
+    iterations: int = 1000
     labels_per_class: int = 20
     batch_size: int = 32
     lr: float = 3e-3
@@ -150,10 +150,10 @@ def _module(ema_model: nn.Module | None) -> nn.Module:
 
 def reconstruct_grid(results: Results, split: DigitsSplit, snapshot_dir: Path, grid: Sequence[float]) -> None:
     """After training, from the directory alone: every width of ``grid`` in one pass, each evaluated."""
-    start = time.perf_counter()
-    states = reconstruct_from_snapshots(snapshot_dir, list(grid), model=small_convnet())
-    results.reconstruct_seconds = time.perf_counter() - start
     model = small_convnet()
+    start = time.perf_counter()
+    states = reconstruct_from_snapshots(snapshot_dir, list(grid), model=model)
+    results.reconstruct_seconds = time.perf_counter() - start
     infos = list_snapshots(snapshot_dir)
     for sigma, state in zip(grid, states, strict=True):
         results.reconstructed[sigma] = evaluate(load_reconstruction(model, state), split)

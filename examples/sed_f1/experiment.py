@@ -82,6 +82,16 @@ class TrainConfig:
         if not 0.0 <= self.lr_decay_start <= 1.0:
             raise ValueError(f"lr_decay_start must be a fraction in [0, 1]; found {self.lr_decay_start}")
 
+    @property
+    def constant_lr_until(self) -> int:
+        """The iteration after which the learning rate decays (``iterations`` when it stays constant)."""
+        return int(self.lr_decay_start * self.iterations)
+
+    @property
+    def lr_schedule(self) -> str:
+        """The decay in words, for a run's description ("" when the learning rate stays constant)."""
+        return f", to 0 from iteration {self.constant_lr_until}" if self.lr_decay_start < 1.0 else ""
+
 
 @dataclass
 class RunResult:
@@ -226,8 +236,7 @@ def train_run(
     )
     teacher = handler.ema_model if handler is not None else None
     if config.lr_decay_start < 1.0:
-        decay_from = int(config.lr_decay_start * config.iterations)
-        milestones = [(decay_from, config.lr), (config.iterations, 0.0)]
+        milestones = [(config.constant_lr_until, config.lr), (config.iterations, 0.0)]
         trainer.add_event_handler(Events.ITERATION_STARTED, PiecewiseLinear(optimizer, "lr", milestones))
 
     test = _test_batches(data.test)

@@ -51,7 +51,7 @@ from ignite.exceptions import NotComputableError
 from ignite.metrics import Metric
 from ignite.metrics.metric import reinit__is_reduced, sync_all_reduce
 
-from examples.sed_f1.metrics import runs_of
+from examples.sed_f1.metrics import macro_f1, runs_of
 
 __all__ = [
     "INTERSECTION_F1",
@@ -232,12 +232,9 @@ def intersection_f1(counts: IntArray, n_references: IntArray) -> float:
     cross-trigger is an FP too), FN the references not detected; averaged
     over the classes with references (0.0 if none).
     """
-    tp, fp = counts[:, 0].astype(np.float64), counts[:, 1].astype(np.float64)
-    scored = n_references > 0
-    if not scored.any():
-        return 0.0
-    f1 = 2 * tp / (tp + fp + n_references)  # 2 TP + FP + FN = TP + FP + N_ref
-    return float(np.mean(f1[scored]))
+    tp = counts[:, 0]
+    # 2 TP + FP + FN = (TP + FP) + N_ref: the detections and references of metrics.macro_f1
+    return macro_f1(np.column_stack([tp, tp + counts[:, 1], n_references]))
 
 
 class PSDSScores(Metric):

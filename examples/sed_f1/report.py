@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import statistics
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -61,14 +61,22 @@ def markdown_table(results: Sequence[RunResult], scores: Sequence[str] = TABLE_S
     return "\n".join(lines)
 
 
+def layer_means(vectors: Iterable[Sequence[float]]) -> list[float]:
+    """The element-wise mean of per-layer vectors (one per seed or evaluation): one mean per layer.
+
+    >>> layer_means([[1.0, 2.0], [3.0, 6.0]])
+    [2.0, 4.0]
+    """
+    return [statistics.mean(layer) for layer in zip(*vectors, strict=True)]
+
+
 def norm_ratio_lines(results: Sequence[RunResult], key: Key = run_key) -> list[str]:
     """Per run, |teacher conv weights| / |student conv weights| per layer at the end, averaged over seeds."""
     lines = []
     for name, rows in group(results, key).items():
         ratios = [r.conv_norm_ratio for r in rows if r.conv_norm_ratio]
         if ratios:
-            means = [statistics.mean(layer) for layer in zip(*ratios, strict=True)]
-            lines.append(f"{name}: " + " / ".join(f"{m:.2f}" for m in means))
+            lines.append(f"{name}: " + " / ".join(f"{m:.2f}" for m in layer_means(ratios)))
     return lines
 
 
@@ -236,6 +244,7 @@ __all__ = [
     "curve_of",
     "figure",
     "group",
+    "layer_means",
     "markdown_table",
     "mean_std",
     "norm_ratio_lines",

@@ -13,14 +13,23 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import statistics
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from examples.sed_f1.compare import Job
 from examples.sed_f1.experiment import RunResult, TrainConfig
-from examples.sed_f1.report import curve_of, figure, group, markdown_table, plateau, plot_row, save, study_key
+from examples.sed_f1.report import (
+    curve_of,
+    figure,
+    group,
+    layer_means,
+    markdown_table,
+    plateau,
+    plot_row,
+    save,
+    study_key,
+)
 
 STUDY_RUNS = ("copy", "ema_train")
 
@@ -66,8 +75,9 @@ def summarise(results: Sequence[RunResult], configs: dict[str, TrainConfig]) -> 
             s: copy[s].student["event_f1"] - copy[s].teacher["event_f1"]  # type: ignore[index]
             for s in seeds
         }
+        last_thirds = {s: set(_last_third(copy[s])) for s in seeds}
         part["copy_teacher_event_f1_last_third"] = {
-            s: [point for step, point in curve_of(copy[s], "teacher", "event_f1") if step in _last_third(copy[s])]
+            s: [point for step, point in curve_of(copy[s], "teacher", "event_f1") if step in last_thirds[s]]
             for s in seeds
         }
         part["plateau"] = plateau(rows)[1]
@@ -82,37 +92,25 @@ def _over_time(runs: dict[str, list[RunResult]], field: str) -> dict[str, dict[i
     out: dict[str, dict[int, list[float]]] = {}
     for name, rows in runs.items():
         steps = sorted(rows[0].curve)
-        out[name] = {
-            s: [statistics.mean(layer) for layer in zip(*(r.curve[s]["motion"][field] for r in rows), strict=True)]
-            for s in steps
-        }
+        out[name] = {s: layer_means(r.curve[s]["motion"][field] for r in rows) for s in steps}
     return out
+
+
+_MOTION_FIELDS = ("angle_per_step", "angle_per_step_over_horizon", "predicted_ratio",
+                  "predicted_ratio_over_horizon", "norm_ratio")  # fmt: skip
 
 
 def _angles(runs: dict[str, list[RunResult]], config: TrainConfig) -> dict[str, Any]:
     """Over the last third of the constant learning rate, mean over seeds and evaluations: angles per step,
     predictions and measured ratios."""
-    constant_until = int(config.lr_decay_start * config.iterations)
+    constant_until = config.constant_lr_until
     out: dict[str, Any] = {"window": [constant_until * 2 / 3, constant_until]}
     for name, rows in runs.items():
-        fields = ("angle_per_step", "angle_per_step_over_horizon", "predicted_ratio",
-                  "predicted_ratio_over_horizon", "norm_ratio")  # fmt: skip
-        values = {
-            f: [
-                statistics.mean(layer)
-                for layer in zip(
-                    *(
-                        r.curve[s]["motion"][f]
-                        for r in rows
-                        for s in _last_third(r, constant_until)
-                        if r.curve[s]["motion"][f]
-                    ),
-                    strict=True,
-                )
-            ]
-            for f in fields
+        window = [(r, s) for r in rows for s in _last_third(r, constant_until)]
+        out[name] = {
+            f: layer_means(r.curve[s]["motion"][f] for r, s in window if r.curve[s]["motion"][f])
+            for f in _MOTION_FIELDS
         }
-        out[name] = values
     if config.optimizer == "adamw":
         out["equilibrium_angle_per_step"] = math.sqrt(2 * config.lr * config.weight_decay)  # Wan et al. 2021, AdamW
     return out
@@ -126,11 +124,9 @@ def study_text(results: Sequence[RunResult], summary: dict[str, Any]) -> str:
     """The study's findings as Markdown: the table, then per optimiser the gaps, spreads, ratios and angles."""
     lines = ["F1 and PSDS in % on the test set, mean ± std over seeds:", "", markdown_table(results, key=study_key), ""]
     for optimizer, part in summary.items():
-        config = part["config"]
-        decay = f", weight decay {config['weight_decay']}" if config["weight_decay"] else ""
-        constant_until = int(config["lr_decay_start"] * config["iterations"])
-        schedule = f", to 0 from iteration {constant_until}" if config["lr_decay_start"] < 1 else ""
-        lines.append(f"### {optimizer} (lr {config['lr']}{schedule}{decay}, EMA decay {config['ema_decay']})")
+        config = TrainConfig(**part["config"])
+        decay = f", weight decay {config.weight_decay}" if config.weight_decay else ""
+        lines.append(f"### {optimizer} (lr {config.lr}{config.lr_schedule}{decay}, EMA decay {config.ema_decay})")
         lines.append("")
         gaps = ", ".join(f"{100 * g:.1f}" for g in part["event_f1_gap_per_seed"].values())
         below = ", ".join(f"{100 * g:+.1f}" for g in part["copy_teacher_below_its_student_per_seed"].values())
