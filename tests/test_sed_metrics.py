@@ -533,13 +533,22 @@ def test_intersection_counts_match_a_plain_loop_over_events(criteria: Criteria) 
 
 def test_psds_metric_on_an_evaluator_adds_up_batches() -> None:
     scores, target = _one_clip_two_classes()
-    # the clip twice, in two batches; 20 frames of 180 s: 2 hours in all, 4 references. At every threshold in
-    # (0, 1]: class 0 TPR 1 with 2 FP (1 per hour), class 1 TPR 0. PSDS1 (alpha_st 1): mean 0.5 - std 0.5 = 0
-    # everywhere. Intersection F1: class 0 TP 2, FP 2, N_ref 2: 4 / 6; class 1: 0
-    batch = (torch.from_numpy(scores), torch.zeros(1, 2), torch.from_numpy(target).float())
+    exact = np.where(target, 1.0, 0.0)  # a second clip, the same references each detected exactly
+    # Two batches of one clip, 20 frames of 180 s each: 2 hours in all, 2 references per class, 2 x 4 frames =
+    # 0.4 h of class-1 reference. At both thresholds:
+    # class 0: TP 2 (A covers 8/10 of its reference, the exact detection all of it), FP 1 (B) -> TPR 1, FPR 0.5/h;
+    #   for PSDS2 B is also a cross-trigger on class 1: 1 / 0.4 h = 2.5/h, eFPR 0.5 + 0.5 * 2.5 = 1.75/h.
+    # class 1: TP 1 (the exact one), FP 1 (C, no cross-trigger) -> TPR 0.5, eFPR 0.5/h.
+    # PSDS1: from eFPR 0.5 the classes' TPRs are (1, 0.5): mean 0.75 - std 0.25 = 0.5, over 99.5 of 100 per hour.
+    # PSDS2: (0, 0.5) from 0.5 gives 0.25 - 0.25 = 0; (1, 0.5) from 1.75 gives 0.5, over 98.25 of 100 per hour.
+    # Intersection F1: class 0 2 TP / (TP 2 + FP 1 + N_ref 2) = 4/5, class 1 2 / (1 + 1 + 2) = 1/2. A metric that
+    # kept one batch would give 1/3 or 1; one that averaged the batches' F1, 2/3.
+    batches = [
+        (torch.from_numpy(clip), torch.zeros(1, 2), torch.from_numpy(target).float()) for clip in (scores, exact)
+    ]
     evaluator = Engine(lambda engine, b: b)
     PSDSScores(frame_seconds=180.0, thresholds=[0.5, 1.0]).attach(evaluator, "psds")
-    result = evaluator.run([batch, batch]).metrics["psds"]
-    assert result == pytest.approx({"psds1": 0.0, "psds2": 0.0, "intersection_f1": (4 / 6) / 2})
+    result = evaluator.run(batches).metrics["psds"]
+    assert result == pytest.approx({"psds1": 0.5 * 99.5 / 100, "psds2": 0.5 * 98.25 / 100, "intersection_f1": 0.65})
     with pytest.raises(NotComputableError, match="at least one clip"):
         PSDSScores(frame_seconds=0.1).compute()
