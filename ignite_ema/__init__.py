@@ -1,15 +1,55 @@
-"""ignite-ema: a model-weight EMA for PyTorch-Ignite that is right for mean-teacher training."""
+"""ignite-ema: a model-weight EMA for PyTorch-Ignite that is right for mean-teacher training.
+
+The core (``ModelEMA``, the averaging kernels, the schedules) imports without
+Ignite; the names that need Ignite (the handlers, the BatchNorm helpers, the
+post-hoc EMA) are imported on first use.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 from ignite_ema.averaging import ShadowAverager
-from ignite_ema.batchnorm import BNRecalibration, frozen_bn_stats, recalibrate_bn
-from ignite_ema.handler import EMAHandler
-from ignite_ema.launch import run_on_processes
 from ignite_ema.model_ema import ModelEMA, named_tensors, unwrap_model
-from ignite_ema.posthoc import PostHocEMA
-from ignite_ema.posthoc_math import gamma_to_sigma_rel, power_momentum, sigma_rel_to_gamma
-from ignite_ema.posthoc_reconstruct import load_reconstruction, reconstruct_from_snapshots
-from ignite_ema.posthoc_snapshots import SnapshotInfo, list_snapshots, load_snapshot
 from ignite_ema.schedules import HalfLife, MomentumSchedule
+
+if TYPE_CHECKING:
+    from ignite_ema.batchnorm import BNRecalibration, frozen_bn_stats, recalibrate_bn
+    from ignite_ema.handler import EMAHandler
+    from ignite_ema.launch import run_on_processes
+    from ignite_ema.posthoc import PostHocEMA
+    from ignite_ema.posthoc_math import gamma_to_sigma_rel, power_momentum, sigma_rel_to_gamma
+    from ignite_ema.posthoc_reconstruct import load_reconstruction, reconstruct_from_snapshots
+    from ignite_ema.posthoc_snapshots import SnapshotInfo, list_snapshots, load_snapshot
+
+__version__ = "0.1.0"
+
+# Public names whose modules import Ignite (or numpy), by module: imported on first access.
+_LAZY = {
+    "ignite_ema.batchnorm": ("BNRecalibration", "frozen_bn_stats", "recalibrate_bn"),
+    "ignite_ema.handler": ("EMAHandler",),
+    "ignite_ema.launch": ("run_on_processes",),
+    "ignite_ema.posthoc": ("PostHocEMA",),
+    "ignite_ema.posthoc_math": ("gamma_to_sigma_rel", "power_momentum", "sigma_rel_to_gamma"),
+    "ignite_ema.posthoc_reconstruct": ("load_reconstruction", "reconstruct_from_snapshots"),
+    "ignite_ema.posthoc_snapshots": ("SnapshotInfo", "list_snapshots", "load_snapshot"),
+}
+_MODULE_OF = {name: module for module, names in _LAZY.items() for name in names}
+
+
+def __getattr__(name: str) -> Any:
+    module = _MODULE_OF.get(name)
+    if module is None:
+        raise AttributeError(f"module 'ignite_ema' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
+
 
 __all__ = [
     "BNRecalibration",
@@ -33,4 +73,3 @@ __all__ = [
     "sigma_rel_to_gamma",
     "unwrap_model",
 ]
-__version__ = "0.1.0"

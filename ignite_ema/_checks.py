@@ -11,7 +11,7 @@ import math
 import numbers
 import sys
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 
@@ -20,9 +20,11 @@ __all__ = [
     "check_count",
     "check_device",
     "check_fraction",
+    "check_keys",
     "check_real",
     "check_same_shapes",
     "warn_at_caller",
+    "warn_if_decay",
 ]
 
 
@@ -81,6 +83,14 @@ def check_device(value: object) -> torch.device | None:
         raise ValueError(f"device {value!r} is not a device torch knows: {error}") from None
     if device.type == "meta":
         raise ValueError("device='meta' holds no values, so an EMA cannot live there; pass a real device or None")
+    if device.type != "cpu":
+        try:  # torch's own answer for a device this build or machine lacks is a bare AssertionError or RuntimeError
+            torch.empty(0, device=device)
+        except (AssertionError, RuntimeError) as error:
+            raise ValueError(
+                f"device={value!r} cannot hold tensors here (torch {torch.__version__}, CUDA available: "
+                f"{torch.cuda.is_available()}): {error}. Pass a device this machine has, or None for the student's"
+            ) from None
     return device
 
 
@@ -121,3 +131,24 @@ def check_same_shapes(
     for name, shape in found.items():
         if name not in expected:
             raise ValueError(f"{what} has a tensor '{name}' (shape {tuple(shape)}) that {reference} lacks: {hint}")
+
+
+def warn_if_decay(momentum: float) -> None:
+    """Warn that a momentum above 0.5 may be a decay (the weight of the old value) passed as a momentum."""
+    warn_at_caller(
+        f"momentum={momentum} is the weight of the new value (ema = (1 - momentum) * ema + momentum * "
+        f"student), so this EMA forgets within a few updates. If {momentum} is a decay (timm, torch, "
+        f"Composer), pass momentum={1 - momentum:.6g}: decay = 1 - momentum"
+    )
+
+
+def check_keys(state: Mapping[str, object], expected: Sequence[str], what: str) -> None:
+    """Raise ValueError naming the keys of ``state`` that are missing from or extra to ``expected``."""
+    missing = [key for key in expected if key not in state]
+    extra = [key for key in state if key not in expected]
+    if missing or extra:
+        found = ", ".join(f"{kind} {keys}" for kind, keys in (("missing", missing), ("unexpected", extra)) if keys)
+        raise ValueError(
+            f"{what} does not have the keys of a state_dict() of this version ({list(expected)}): {found}. "
+            "Nothing was loaded"
+        )

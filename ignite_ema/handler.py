@@ -17,9 +17,17 @@ from ignite.engine import CallableEventWithFilter, Engine, Events, EventsList
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from ignite_ema._checks import check_bool, check_count, check_fraction, check_real, warn_at_caller
+from ignite_ema._checks import (
+    check_bool,
+    check_count,
+    check_fraction,
+    check_keys,
+    check_real,
+    warn_at_caller,
+    warn_if_decay,
+)
 from ignite_ema._engine import EngineClock, attach_update
-from ignite_ema.model_ema import ModelEMA
+from ignite_ema.model_ema import STATE_KEYS, ModelEMA
 from ignite_ema.schedules import HalfLife, MomentumSchedule, momentum_from_half_life
 
 __all__ = ["EMAHandler"]
@@ -171,11 +179,7 @@ class EMAHandler(Serializable):
             )
         momentum = check_fraction("momentum", momentum, low_open=True, high_open=True)
         if momentum_given and momentum > 0.5:
-            warn_at_caller(
-                f"momentum={momentum} is the weight of the new value (ema = (1 - momentum) * ema + momentum * "
-                f"student), so this EMA forgets within a few updates. If {momentum} is a decay (timm, torch, "
-                f"Composer), pass momentum={1 - momentum:.6g}: decay = 1 - momentum"
-            )
+            warn_if_decay(momentum)
         if (momentum_warmup is None) != (warmup_iters is None):
             raise ValueError(
                 "the linear warm-up needs both momentum_warmup and warmup_iters; found "
@@ -199,7 +203,6 @@ class EMAHandler(Serializable):
 
         self._ema = ModelEMA(model, handle_buffers, ema_model=ema_model, device=device, shadow_dtype=shadow_dtype)
         self.model = self._ema.model
-        self.ema_model = self._ema.ema_model
         self.handle_buffers = handle_buffers
         self.momentum: float | None = None if self._half_life is not None else momentum
         self._schedule_args: dict[str, Any] = {
@@ -221,6 +224,25 @@ class EMAHandler(Serializable):
         self._probe_handle: RemovableHandle | None = None
         self._warned: set[str] = set()
         self._swap_stack = ExitStack()
+
+    @property
+    def ema_model(self) -> nn.Module:
+        """The averaged model; see :attr:`ignite_ema.ModelEMA.ema_model` (a sharded student may have none)."""
+        return self._ema.ema_model
+
+    @property
+    def has_ema_model(self) -> bool:
+        """Whether :attr:`ema_model` is a module: ``False`` only for a sharded student built without ``ema_model=``."""
+        return self._ema.has_ema_model
+
+    def __getstate__(self) -> dict[str, Any]:
+        """What pickling keeps (``torch.save(handler)``, as with Ignite's handler): all but the engine it is attached
+        to and this run's hooks. An unpickled handler is attached anew, to its engine or another."""
+        if self._ema.is_swapped:
+            raise RuntimeError("an EMAHandler cannot be pickled while it is swapped into the student")
+        state = self.__dict__.copy()
+        state.update(_engine=None, _probe=None, _probe_handle=None, _swap_stack=ExitStack())
+        return state
 
     # ------------------------------------------------------------------ attach
 
@@ -260,7 +282,14 @@ class EMAHandler(Serializable):
             self.momentum = momentum_from_half_life(self._schedule.half_life, 1)
         if self._skip_nonfinite:  # after load_state_dict, the restored count
             setattr(engine.state, f"{name}_skipped", self._num_skipped)
-        if self._clock.start_run(engine):
+        resumed_unrestored = self._clock.start_run(engine)
+        if getattr(engine.state, name, None) is None:
+            # Before the first update, the momentum an update at the next iteration would use, so that loggers
+            # (TensorboardLogger, say) have a number from the first iteration on.
+            now = self._clock.now(engine)
+            last = now if resumed_unrestored else self._clock.last_update
+            setattr(engine.state, name, self._schedule(now + 1, last, self._num_averaged))
+        if resumed_unrestored:
             self._clock.last_update = self._clock.now(engine)  # delta counted from where the run resumed
             self._warn_once(
                 "not_restored",
@@ -281,12 +310,13 @@ class EMAHandler(Serializable):
     # ------------------------------------------------------------------ per iteration
 
     def _on_iteration_started(self, engine: Engine) -> None:
-        if self.ema_model is None:  # a sharded student's EMA without a module
+        if not self._ema.has_ema_model:  # a sharded student's EMA without a module
             return
-        self._set_ema_mode(self.ema_model)
+        ema_model = self._ema.ema_model
+        self._set_ema_mode(ema_model)
         if self._watching_forwards() and self._probe_handle is None:
             self._probe = self._probe or _ForwardProbe(engine)
-            self._probe_handle = self.ema_model.register_forward_hook(self._probe)
+            self._probe_handle = ema_model.register_forward_hook(self._probe)
 
     def _set_ema_mode(self, ema_model: nn.Module) -> None:
         """Train mode in "ema_train", eval mode otherwise: an evaluator's ``eval()`` does not stick."""
@@ -324,13 +354,28 @@ class EMAHandler(Serializable):
         if iteration <= self._schedule.start_iteration:
             self._ema.copy_student()
         else:
-            self._ema.update(momentum)
+            if self._schedule.half_life is not None and "short_half_life" not in self._warned:
+                self._check_half_life(iteration - self._clock.last_update)
+            self._ema._average(momentum)
             self._num_averaged += 1
         self._clock.last_update = iteration
         setattr(engine.state, name, momentum)
         if self._sync_buffers == "update":
             self._ema.average_buffers_across_ranks()
         self._check_teacher()
+
+    def _check_half_life(self, delta: int) -> None:
+        """Warn once when the half-life is shorter than the time between updates: each update forgets more than half
+        of the average, which is seldom meant (a ``"dur"`` half-life on a short run, say)."""
+        assert self._schedule is not None and self._schedule.half_life is not None and self._half_life is not None
+        iterations = self._schedule.half_life
+        if (momentum := momentum_from_half_life(iterations, delta)) > 0.5:
+            self._warn_once(
+                "short_half_life",
+                f"half_life={self._half_life.value:g}{self._half_life.unit} is {iterations:.3g} iterations in this "
+                f"run, shorter than the {delta} iteration(s) between updates: each update forgets more than half of "
+                f"the average (momentum {momentum:.3g}). Give a longer half_life",
+            )
 
     def _check_teacher(self) -> None:
         probe = self._probe
@@ -431,11 +476,12 @@ class EMAHandler(Serializable):
         """Restore :meth:`state_dict` or :meth:`sharded_state_dict`. Raises naming what does not fit, before anything
         changes."""
         super().load_state_dict(state_dict)  # a mapping with every key
+        check_keys(state_dict, self._state_dict_all_req_keys, "the EMAHandler state")
         for key in _COUNTERS:
             value = state_dict[key]
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"EMAHandler state '{key}' must be a non-negative int; found {value!r}")
-        self._ema.load_state_dict(state_dict)  # checks everything before it copies anything
+        self._ema.load_state_dict({k: state_dict[k] for k in STATE_KEYS})  # checks everything before it copies
         self._num_averaged = state_dict["num_averaged"]
         self._num_skipped = state_dict["num_skipped"]
         self._clock.load_state_dict(state_dict)

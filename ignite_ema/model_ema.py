@@ -37,7 +37,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.lazy import LazyModuleMixin
 
-from ignite_ema._checks import check_device, check_same_shapes, warn_at_caller
+from ignite_ema._checks import check_device, check_keys, check_same_shapes, warn_at_caller, warn_if_decay
+from ignite_ema._watch import TensorWatch
 from ignite_ema.averaging import (
     FiniteCheck,
     ShadowAverager,
@@ -61,6 +62,8 @@ from ignite_ema.distributed import (
 __all__ = ["BUFFER_MODES", "ModelEMA", "named_tensors", "unwrap_model"]
 
 BUFFER_MODES = ("copy", "update", "ema_train")
+#: The keys of :meth:`ModelEMA.state_dict`.
+STATE_KEYS = ("handle_buffers", "tensors")
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -114,8 +117,8 @@ class ModelEMA:
 
     Attributes:
         model: the student, unwrapped.
-        ema_model: the averaged module (``requires_grad`` off), or ``None`` for
-            a sharded student without ``ema_model=``.
+        ema_model: the averaged module (``requires_grad`` off); a sharded
+            student built without ``ema_model=`` has none (:attr:`has_ema_model`).
         handle_buffers: the buffer mode.
 
     For a sharded student (DTensor parameters, as ``fully_shard`` makes them)
@@ -153,6 +156,11 @@ class ModelEMA:
         self._sharded_student = fsdp_modules(self.model)
         reshard(self._sharded_student)  # its parameters are its shards again, not gathered copies
         student = named_tensors(self.model)
+        if not student:
+            raise ValueError(
+                f"model ({type(self.model).__name__}) has no parameters or buffers, so it has nothing to average: "
+                "build the EMA from the model that holds the weights (after its lazy modules are initialised)"
+            )
         self._specs = {n: ShardSpec.of(t) for n, t in student.items() if is_sharded(t)}
         if self._specs and placed is not None:
             raise ValueError("device= is not supported for a sharded student: its EMA lives beside each shard")
@@ -166,8 +174,8 @@ class ModelEMA:
         own_buffers = handle_buffers == "ema_train"  # left to the EMA model's own forward passes
         self._copied = [n for n in student if n not in self._averaged and (n in params or not own_buffers)]
 
-        self.ema_model = self._ema_module(ema_model, student, placed)
-        self._sharded_ema = fsdp_modules(self.ema_model)
+        self._ema_model = self._ema_module(ema_model, student, placed)
+        self._sharded_ema = fsdp_modules(self._ema_model)
         self._targets = self._ema_tensors(student, copy_student=ema_model is not None, shadow_dtype=shadow_dtype)
 
         # An EMA built beside the student must stay there; one placed on purpose (device=) may be elsewhere.
@@ -176,7 +184,7 @@ class ModelEMA:
         )
         self._student_kinds = {n: (t.dtype, t.device) for n, t in student.items()}
         self._shapes = {n: t.shape for n, t in student.items()}  # global shapes
-        shadows = [self._shadow_for(self._targets[n], shadow_dtype) for n in self._averaged]
+        shadows = [self._shadow_for(n, self._targets[n], shadow_dtype) for n in self._averaged]
         self._state = dict(self._targets)
         self._state.update(zip(self._averaged, shadows, strict=True))
         self._has_statistics = any(t.is_floating_point() for n, t in student.items() if n not in params)
@@ -191,6 +199,7 @@ class ModelEMA:
         )
         self._swapped = False
         self._warned: set[str] = set()
+        self._watch = TensorWatch(self.model, list(student))
         self._bind(student)
         self._mirror_versions = self._versions()
 
@@ -218,12 +227,18 @@ class ModelEMA:
         self, student: Mapping[str, Tensor], *, copy_student: bool, shadow_dtype: torch.dtype | None
     ) -> dict[str, Tensor]:
         """Where the EMA's values live, by name (local shards): the EMA model's tensors, or tensors of its own."""
-        if self.ema_model is None:  # shards only: averaged tensors straight in their shadow dtype
+        if self._ema_model is None:  # shards only: averaged tensors straight in their shadow dtype
+            for name in self._averaged:
+                self._shadow_dtype(name, student[name], shadow_dtype)  # all checked before anything is built
             return {
-                n: local(t).to(dtype=self._shadow_dtype(t, shadow_dtype) if n in self._averaged else t.dtype, copy=True)
+                n: local(t).to(
+                    dtype=self._shadow_dtype(n, t, shadow_dtype) if n in self._averaged else t.dtype, copy=True
+                )
                 for n, t in student.items()
             }
-        targets = {n: local(t) for n, t in named_tensors(self.ema_model).items()}
+        targets = {n: local(t) for n, t in named_tensors(self._ema_model).items()}
+        for name in self._averaged:
+            self._shadow_dtype(name, targets[name], shadow_dtype)  # all checked before the caller's module is written
         if copy_student:  # a caller's module; a deep copy holds the student's values already
             with torch.no_grad():
                 for name, target in targets.items():
@@ -231,16 +246,46 @@ class ModelEMA:
         return targets
 
     @staticmethod
-    def _shadow_dtype(target: Tensor, shadow_dtype: torch.dtype | None) -> torch.dtype:
-        dtype = shadow_dtype_for(target.dtype) if shadow_dtype is None else shadow_dtype
+    def _shadow_dtype(name: str, target: Tensor, shadow_dtype: torch.dtype | None) -> torch.dtype:
+        """The dtype of ``target``'s running average; a ``shadow_dtype`` narrower than ``target`` is refused."""
+        if shadow_dtype is None:
+            return shadow_dtype_for(target.dtype)
         if target.is_complex():
-            dtype = torch.promote_types(target.dtype, dtype)  # a complex dtype wide enough for both
-        return dtype
+            return torch.promote_types(target.dtype, shadow_dtype)  # a complex dtype wide enough for both
+        if torch.promote_types(target.dtype, shadow_dtype) != shadow_dtype:
+            raise ValueError(
+                f"shadow_dtype={shadow_dtype} is narrower than the {target.dtype} tensor '{name}' it would average: "
+                "updates smaller than its resolution would be lost (bf16 shadows of a float32 model drift by "
+                "percents over a thousand updates). Leave shadow_dtype=None (float32 for bf16/fp16 tensors, the "
+                "tensor's own dtype otherwise) or pass a dtype at least as wide"
+            )
+        return shadow_dtype
 
     @classmethod
-    def _shadow_for(cls, target: Tensor, shadow_dtype: torch.dtype | None) -> Tensor:
-        dtype = cls._shadow_dtype(target, shadow_dtype)
+    def _shadow_for(cls, name: str, target: Tensor, shadow_dtype: torch.dtype | None) -> Tensor:
+        dtype = cls._shadow_dtype(name, target, shadow_dtype)
         return target if dtype == target.dtype else target.to(dtype=dtype, copy=True)
+
+    @property
+    def ema_model(self) -> nn.Module:
+        """The averaged module (``requires_grad`` off): evaluate it, or run it as a teacher.
+
+        Raises ``RuntimeError`` for a sharded (FSDP2) student built without
+        ``ema_model=``, whose EMA holds its shards only (see
+        :attr:`has_ema_model`).
+        """
+        if self._ema_model is None:
+            raise RuntimeError(
+                "this EMA of a sharded (FSDP2) student holds its shards only, not a module: a sharded module cannot "
+                "be deep-copied. Read it through swapped() or model_state_dict(), or pass "
+                "ema_model=fully_shard(<a second instance of the model>) to have a module"
+            )
+        return self._ema_model
+
+    @property
+    def has_ema_model(self) -> bool:
+        """Whether :attr:`ema_model` is a module: ``False`` only for a sharded student built without ``ema_model=``."""
+        return self._ema_model is not None
 
     @property
     def averaged_names(self) -> tuple[str, ...]:
@@ -255,6 +300,7 @@ class ModelEMA:
     # ------------------------------------------------------------------ student
 
     def _bind(self, student: Mapping[str, Tensor]) -> None:
+        self._watch.mark()
         shards = {n: local(t) for n, t in student.items()}
         self._averager.bind([shards[n] for n in self._averaged])
         self._copier = TensorCopier([self._targets[n] for n in self._copied], [shards[n] for n in self._copied])
@@ -303,9 +349,9 @@ class ModelEMA:
     def _check_targets_in_place(self) -> None:
         """The averages are written into the EMA model's tensors as they were built; moving or converting the EMA
         model afterwards (``.to()``, ``.double()``) gives it new storage that would silently stop being updated."""
-        if self.ema_model is None:
+        if self._ema_model is None:
             return
-        current = {n: local(t) for n, t in named_tensors(self.ema_model).items()}
+        current = {n: local(t) for n, t in named_tensors(self._ema_model).items()}
         for name, target in self._targets.items():
             now = current.get(name)
             if now is None or now.data_ptr() != target.data_ptr() or now.dtype != target.dtype:
@@ -321,11 +367,25 @@ class ModelEMA:
     def update(self, momentum: float) -> None:
         """``ema = (1 - momentum) * ema + momentum * student`` for every averaged tensor; buffers per the mode.
 
+        If the student's tensors were replaced since the last update (a new
+        head, ``load_state_dict(..., assign=True)``, ``param.data = ...``),
+        the EMA follows the new ones, or raises ``ValueError`` naming the first
+        it cannot follow (see :meth:`rebind`).
+
         Args:
-            momentum: the weight of the student, in [0, 1].
+            momentum: the weight of the student, in [0, 1]; a value above 0.5
+                that looks like a decay is warned about once.
         """
         momentum = check_momentum(momentum)
+        if 0.5 < momentum < 1.0 and "decay" not in self._warned:
+            self._warned.add("decay")
+            warn_if_decay(momentum)
+        self._average(momentum)
+
+    def _average(self, momentum: float) -> None:
+        """:meth:`update` without its argument's checks: for a caller (the handler) whose schedule checked it."""
         self._refuse_while_swapped("update")
+        self._follow_student()
         self._adopt_outside_writes()
         self._averager.update(momentum)
         self._after_update()
@@ -333,8 +393,15 @@ class ModelEMA:
     def copy_student(self) -> None:
         """Set the EMA to the student's current values (buffers per the mode): the average restarts there."""
         self._refuse_while_swapped("copy_student")
+        self._follow_student()
         self._averager.copy_students()
         self._after_update()
+
+    def _follow_student(self) -> None:
+        """Pair the EMA with the student's tensors again if any were replaced since they were paired (cheap when
+        none was: see :class:`~ignite_ema._watch.TensorWatch`)."""
+        if self._watch.changed():
+            self.rebind()
 
     def _after_update(self) -> None:
         self._copier.copy()
@@ -517,9 +584,7 @@ class ModelEMA:
         """Raise ``TypeError`` / ``ValueError`` naming what does not fit :meth:`load_state_dict`; change nothing."""
         if not isinstance(state_dict, Mapping):
             raise TypeError(f"expected a mapping from state_dict(); found {type(state_dict).__name__}")
-        missing = [k for k in ("handle_buffers", "tensors") if k not in state_dict]
-        if missing:
-            raise ValueError(f"the EMA state is missing {missing}; expected the keys of state_dict()")
+        check_keys(state_dict, STATE_KEYS, "the EMA state")
         if state_dict["handle_buffers"] != self.handle_buffers:
             raise ValueError(
                 f"the state was saved with handle_buffers={state_dict['handle_buffers']!r}, "

@@ -36,7 +36,9 @@ __all__ = [
     "power_warmup",
 ]
 
-_HALF_LIFE = re.compile(r"^\s*(?P<value>[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*(?P<unit>it|ep|dur)\s*$")
+# One rule for every span argument (half_life, snapshot_every): a positive number, optional spaces,
+# a unit in any case.
+_HALF_LIFE = re.compile(r"^\s*(?P<value>[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*(?P<unit>it|ep|dur)\s*$", re.IGNORECASE)
 
 
 def momentum_from_half_life(half_life: float, delta: int) -> float:
@@ -102,7 +104,7 @@ class HalfLife:
                     f"{name} must look like '500it', '2ep' or '0.05dur' (a positive number and a unit: "
                     f"it = iterations, ep = epochs, dur = fraction of the run); found {spec!r}"
                 )
-            value, unit = float(match["value"]), match["unit"]
+            value, unit = float(match["value"]), match["unit"].lower()
         else:
             value, unit = float(spec), "it"
         if not (math.isfinite(value) and value > 0):

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
@@ -518,3 +521,126 @@ def test_moving_the_ema_model_after_construction_is_an_error_not_a_silent_stop()
         ValueError, match=r"EMA model's tensor 'weight' was replaced after the EMA was built \(now .*64"
     ):
         trainer.run(range(2), max_epochs=1)
+
+
+# ---------------------------------------------------------------------- what a new user hit
+
+
+def test_a_head_replaced_mid_run_is_followed_by_the_next_update() -> None:
+    model = linear(0.0)
+    handler = EMAHandler(model, momentum=0.5)
+    trainer = Engine(adding_step(model))
+
+    def new_weights() -> None:  # a callback that re-initialises the model between two steps
+        model.weight = nn.Parameter(torch.full((1, 2), 10.0))
+
+    trainer.add_event_handler(Events.ITERATION_STARTED(once=3), new_weights)
+    handler.attach(trainer)
+    trainer.run(range(4), max_epochs=1)
+    # student 1, 2, then 11, 12 (the new tensor, stepped); the EMA halves towards each: 0.5, 1.25, 6.125, 9.0625
+    torch.testing.assert_close(handler.ema_model.weight, torch.full((1, 2), 9.0625))
+
+
+def test_the_handler_pickles_after_a_run_and_goes_on_after_unpickling(tmp_path: Path) -> None:
+    model = linear(0.0)
+    handler = EMAHandler(model, momentum=0.5, handle_buffers="update")
+    trainer = Engine(adding_step(model))
+    handler.attach(trainer)
+    trainer.run(range(2), max_epochs=1)  # student 1, 2; EMA 0.5, 1.25
+    torch.save({"ema": handler}, tmp_path / "ema.pt")  # as with Ignite's handler
+    restored = torch.load(tmp_path / "ema.pt", weights_only=False)["ema"]
+    torch.testing.assert_close(restored.ema_model.weight, torch.full((1, 2), 1.25))
+    again = Engine(adding_step(restored.model))
+    restored.attach(again)  # a fresh engine: the pickled handler left its engine behind
+    again.run(range(1), max_epochs=1)  # the unpickled student steps to 3; its own EMA: 0.5 * 1.25 + 0.5 * 3
+    torch.testing.assert_close(restored.ema_model.weight, torch.full((1, 2), 2.125))
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"momentum": 0.1, "momentum_warmup": 0.5, "warmup_iters": 4},
+        {"half_life": "0.5dur"},
+        {"momentum": 0.1, "mean_teacher_warmup": True},
+    ],
+)
+def test_the_momentum_is_a_number_from_the_first_iteration_for_tensorboard(
+    kwargs: dict[str, object], tmp_path: Path
+) -> None:
+    from ignite.handlers.tensorboard_logger import OutputHandler, TensorboardLogger
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    model = linear()
+    handler = EMAHandler(model, **kwargs)  # type: ignore[arg-type]
+    trainer = Engine(adding_step(model))
+    handler.attach(trainer, event=Events.ITERATION_COMPLETED(every=4))
+    logger = TensorboardLogger(log_dir=tmp_path)
+    logger.attach(
+        trainer,
+        OutputHandler(tag="train", state_attributes=["ema_momentum"]),
+        event_name=Events.ITERATION_COMPLETED,
+    )
+    with no_warnings():
+        trainer.run(range(8), max_epochs=1)
+    logger.close()
+    events = EventAccumulator(str(tmp_path))
+    events.Reload()
+    steps = [event.step for event in events.Scalars("train/ema_momentum")]
+    assert steps == list(range(1, 9))  # logged at every iteration, before the first update (4) too
+
+
+def test_a_half_life_shorter_than_the_update_period_is_warned_about() -> None:
+    model = linear()
+    handler = EMAHandler(model, half_life="0.001dur")  # 0.01 iterations in a 10-iteration run
+    trainer = Engine(adding_step(model))
+    handler.attach(trainer)
+    with pytest.warns(UserWarning, match=r"half_life=0.001dur is 0.01 iterations in this run, shorter than the 1"):
+        trainer.run(range(10), max_epochs=1)
+    calm = EMAHandler(linear(), half_life=4)
+    trainer = Engine(adding_step(calm.model))
+    calm.attach(trainer, event=Events.ITERATION_COMPLETED(every=2))
+    with no_warnings():
+        trainer.run(range(10), max_epochs=1)
+
+
+@pytest.mark.parametrize("spec", ["500IT", "500 it", " 500It ", 500])
+def test_span_units_follow_one_rule(spec: object) -> None:
+    from ignite_ema import HalfLife
+
+    assert HalfLife.parse(spec, name="snapshot_every") == HalfLife.parse(spec) == HalfLife(500.0, "it")  # type: ignore[arg-type]
+
+
+def test_a_state_with_an_extra_key_is_refused_and_nothing_is_loaded() -> None:
+    handler = _trained_handler()
+    unchanged = _unchanged(handler)
+    state = handler.state_dict()
+    state = {**state, "tensors": {k: v + 1 for k, v in state["tensors"].items()}, "momentum": 0.1}
+    with pytest.raises(ValueError, match=r"unexpected \['momentum'\]. Nothing was loaded"):
+        handler.load_state_dict(state)
+    assert unchanged()
+
+
+def test_model_ema_imports_and_runs_with_ignite_blocked() -> None:
+    script = """
+import sys
+
+class NoIgnite:
+    def find_spec(self, name, path=None, target=None):
+        if name == "ignite" or name.startswith("ignite."):
+            raise ImportError("ignite is blocked in this test")
+
+sys.meta_path.insert(0, NoIgnite())
+import torch
+from ignite_ema import ModelEMA
+
+model = torch.nn.Linear(2, 1, bias=False)
+torch.nn.init.zeros_(model.weight)
+ema = ModelEMA(model)
+with torch.no_grad():
+    model.weight.fill_(1.0)
+ema.update(0.25)
+assert torch.equal(ema.ema_model.weight, torch.full((1, 2), 0.25))
+assert not [name for name in sys.modules if name == "ignite" or name.startswith("ignite.")]
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr

@@ -326,13 +326,21 @@ def test_state_round_trip_is_bit_identical_and_all_or_nothing() -> None:
         assert torch.equal(target.state_dict()["tensors"][name], tensor), name
     for name, tensor in source.ema_model.state_dict().items():
         assert torch.equal(target.ema_model.state_dict()[name], tensor), name
+    # A state whose every tensor differs, the last one in the wrong shape: refused by the same EMA, which keeps
+    # every average and every EMA-model tensor it had.
     state = source.state_dict()
-    bad = {**state, "tensors": {**state["tensors"], "head.bias": torch.zeros(5)}}
+    bad = {**state, "tensors": {k: v + 1 for k, v in state["tensors"].items()}}
+    bad["tensors"]["head.bias"] = torch.zeros(5)
     before = {k: v.clone() for k, v in target.state_dict()["tensors"].items()}
-    fresh = ModelEMA(BNNet().to(torch.bfloat16), handle_buffers="update")
+    module_before = {k: v.clone() for k, v in target.ema_model.state_dict().items()}
     with pytest.raises(ValueError, match=r"tensor 'head.bias' has shape \(5,\) in the saved state"):
-        fresh.load_state_dict({**bad, "tensors": {k: v + 1 for k, v in bad["tensors"].items()}})
-    del fresh
+        target.load_state_dict(bad)
+    for name, tensor in target.state_dict()["tensors"].items():
+        assert torch.equal(tensor, before[name]), name
+    for name, tensor in target.ema_model.state_dict().items():
+        assert torch.equal(tensor, module_before[name]), name
+    with pytest.raises(ValueError, match=r"unexpected \['step'\]. Nothing was loaded"):
+        target.load_state_dict({**state, "tensors": bad["tensors"], "step": 3})
     for name, tensor in target.state_dict()["tensors"].items():
         assert torch.equal(tensor, before[name]), name
 
@@ -351,3 +359,107 @@ def test_the_ema_model_is_a_plain_module() -> None:
         buffer.seek(0)
         loaded = torch.load(buffer, weights_only=False)
     assert torch.equal(loaded.conv.weight, ema.ema_model.conv.weight)
+
+
+# ---------------------------------------------------------------------- a student whose tensors are replaced
+
+
+def _ema_of_bnnet() -> tuple[BNNet, ModelEMA]:
+    model = BNNet()
+    ema = ModelEMA(model)
+    return model, ema
+
+
+def test_a_new_head_of_the_same_shape_is_followed_not_the_old_one() -> None:
+    model, ema = _ema_of_bnnet()
+    ema.update(0.5)
+    old = ema.ema_model.head.weight.detach().clone()
+    model.head = nn.Linear(4, 2)  # same names and shapes, new tensors
+    nn.init.constant_(model.head.weight, 7.0)
+    ema.update(0.25)
+    torch.testing.assert_close(ema.ema_model.head.weight, 0.75 * old + 0.25 * 7.0)
+    with ema.swapped():  # the swap puts the EMA into the new head, and gives it back
+        torch.testing.assert_close(model.head.weight, 0.75 * old + 0.25 * 7.0)
+    assert torch.equal(model.head.weight, torch.full((2, 4), 7.0))
+
+
+@pytest.mark.parametrize("how", ["assign", "data", "copy_student"])
+def test_tensors_replaced_by_load_or_data_are_followed(how: str) -> None:
+    model, ema = _ema_of_bnnet()
+    old = ema.ema_model.conv.weight.detach().clone()
+    new = torch.full_like(model.conv.weight, 3.0)
+    if how == "assign":
+        state = {k: v.clone() for k, v in model.state_dict().items()}
+        model.load_state_dict({**state, "conv.weight": new}, assign=True)
+    else:
+        model.conv.weight.data = new
+    if how == "copy_student":
+        ema.copy_student()
+        assert torch.equal(ema.ema_model.conv.weight, new)
+    else:
+        ema.update(0.5)
+        torch.testing.assert_close(ema.ema_model.conv.weight, 0.5 * old + 0.5 * new)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda m: m.double(), r"tensor 'conv.weight' is torch.float64 now, torch.float32 when the EMA was built"),
+        (lambda m: setattr(m, "head", nn.Linear(4, 3)), r"tensor 'head.weight' has shape \(3, 4\) in the student"),
+        (lambda m: setattr(m.conv.weight, "data", torch.zeros(4, 3, 2, 2)), r"'conv.weight' has shape \(4, 3, 2, 2\)"),
+    ],
+)
+def test_a_replacement_the_ema_cannot_follow_is_named_at_the_next_update(change, message: str) -> None:  # type: ignore[no-untyped-def]
+    model, ema = _ema_of_bnnet()
+    before = {k: v.clone() for k, v in ema.ema_model.state_dict().items()}
+    change(model)
+    with pytest.raises(ValueError, match=message):
+        ema.update(0.5)
+    assert all(torch.equal(ema.ema_model.state_dict()[k], v) for k, v in before.items())
+
+
+def test_a_decay_passed_as_a_momentum_is_warned_about_once() -> None:
+    _, ema = _ema_of_bnnet()
+    with pytest.warns(UserWarning, match=r"If 0.999 is a decay .* pass momentum=0.001") as caught:
+        ema.update(0.999)
+        ema.update(0.999)
+    assert len([w for w in caught if "decay" in str(w.message)]) == 1
+    _, other = _ema_of_bnnet()
+    with no_warnings():  # a copy (1.0) and ordinary momenta are not decays
+        other.update(1.0)
+        other.update(0.5)
+        other.update(0.01)
+
+
+def test_a_shadow_dtype_narrower_than_a_tensor_is_refused_before_anything_is_written() -> None:
+    model = BNNet()
+    ema_model = BNNet()
+    before = {k: v.clone() for k, v in ema_model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"shadow_dtype=torch.bfloat16 is narrower than the torch.float32 tensor"):
+        ModelEMA(model, ema_model=ema_model, shadow_dtype=torch.bfloat16)
+    assert all(torch.equal(ema_model.state_dict()[k], v) for k, v in before.items())
+    with pytest.raises(ValueError, match=r"narrower than the torch.float64 tensor 'weight'"):
+        ModelEMA(linear(dtype=torch.float64), shadow_dtype=torch.float32)
+    wide = ModelEMA(linear(dtype=torch.bfloat16), shadow_dtype=torch.float64)  # wider is fine
+    assert wide.state_dict()["tensors"]["weight"].dtype == torch.float64
+
+
+def test_a_model_without_tensors_is_refused() -> None:
+    with pytest.raises(ValueError, match=r"model \(ReLU\) has no parameters or buffers, so it has nothing to average"):
+        ModelEMA(nn.ReLU())
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a torch without CUDA")
+def test_cuda_on_a_torch_without_cuda_is_a_clear_error() -> None:
+    with pytest.raises(ValueError, match=r"device='cuda' cannot hold tensors here .*CUDA available: False"):
+        ModelEMA(linear(), device="cuda")
+
+
+def test_ema_model_is_typed_as_a_module_and_says_when_there_is_none() -> None:
+    _, ema = _ema_of_bnnet()
+    teacher: nn.Module = ema.ema_model  # the README's usage, which mypy --strict checks in tests/typed_usage.py
+    assert ema.has_ema_model and teacher(torch.zeros(1, 3, 6, 6)).shape == (1, 2)
+    ema._ema_model = None  # what a sharded student without ema_model= has (tests/test_fsdp.py builds one)
+    with pytest.raises(RuntimeError, match="holds its shards only, not a module"):
+        _ = ema.ema_model
+    assert not ema.has_ema_model
