@@ -31,9 +31,12 @@ from ignite_ema.posthoc_math import check_sigma_rel, power_momentum, sigma_rel_t
 from ignite_ema.posthoc_reconstruct import reconstruct_listed, target_sigma_rels
 from ignite_ema.posthoc_snapshots import (
     SNAPSHOT_FORMAT,
+    OnError,
     SnapshotInfo,
+    check_on_error,
     pack_snapshot,
     read_snapshot_info,
+    read_snapshot_infos,
     snapshot_filename,
     snapshot_name_matches,
 )
@@ -145,7 +148,9 @@ class PostHocEMA(Serializable):
 
         self._emas = tuple(ModelEMA(model, handle_buffers) for _ in self.sigma_rels)
         self.model = self._emas[0].model
-        self.ema_models: tuple[nn.Module | None, ...] = tuple(ema.ema_model for ema in self._emas)
+        self.ema_models: tuple[nn.Module | None, ...] = tuple(
+            ema.ema_model if ema.has_ema_model else None for ema in self._emas
+        )
         self.gammas = tuple(sigma_rel_to_gamma(s) for s in self.sigma_rels)
         self.handle_buffers = handle_buffers
         self.snapshot_dtype = snapshot_dtype
@@ -258,8 +263,8 @@ class PostHocEMA(Serializable):
         for ema, momentum in zip(self._emas, momenta, strict=True):
             if delta == iteration:  # the first update: each EMA starts as the student
                 ema.copy_student()
-            else:
-                ema.update(momentum)
+            else:  # a power momentum, near 1 early in the run by design: not a decay passed as a momentum
+                ema._average(momentum)
         self._clock.last_update = iteration
         setattr(engine.state, name, momenta)
         assert self._every is not None  # resolved at STARTED, which comes first
@@ -331,12 +336,22 @@ class PostHocEMA(Serializable):
 
     @overload
     def reconstruct(
-        self, sigma_rel: float, iteration: int | None = None, *, device: torch.device | str | None = None
+        self,
+        sigma_rel: float,
+        iteration: int | None = None,
+        *,
+        device: torch.device | str | None = None,
+        on_error: OnError = "warn",
     ) -> dict[str, Tensor]: ...
 
     @overload
     def reconstruct(
-        self, sigma_rel: Sequence[float], iteration: int | None = None, *, device: torch.device | str | None = None
+        self,
+        sigma_rel: Sequence[float],
+        iteration: int | None = None,
+        *,
+        device: torch.device | str | None = None,
+        on_error: OnError = "warn",
     ) -> list[dict[str, Tensor]]: ...
 
     def reconstruct(
@@ -345,6 +360,7 @@ class PostHocEMA(Serializable):
         iteration: int | None = None,
         *,
         device: torch.device | str | None = None,
+        on_error: OnError = "warn",
     ) -> dict[str, Tensor] | list[dict[str, Tensor]]:
         """The power EMA of width ``sigma_rel`` at ``iteration``, from this handler's snapshots.
 
@@ -357,24 +373,34 @@ class PostHocEMA(Serializable):
             sigma_rel: a width in (0, 0.2887], or a sequence of them (one pass, a list returned).
             iteration: a snapshot iteration; the last one by default.
             device: where to accumulate and return the tensors (CPU by default).
+            on_error: what to do about a snapshot file that does not read
+                (truncated, say): ``"warn"`` leaves it out, with one warning
+                naming every such file, and reconstructs from the others;
+                ``"raise"`` raises its ``ValueError``. A missing file, or one
+                of another run, is an error either way.
         """
+        on_error = check_on_error(on_error)
         sigma_rels, several = target_sigma_rels(sigma_rel)
-        infos = [self._read_recorded(record) for record in self._records]
+        infos = self._read_recorded(on_error)
         results = reconstruct_listed(infos, sigma_rels, iteration, model=self.model, device=device)
         return results if several else results[0]
 
-    def _read_recorded(self, record: Mapping[str, Any]) -> SnapshotInfo:
-        path = self.snapshot_dir / record["file"]
-        if not path.is_file():
-            raise FileNotFoundError(f"the snapshot '{path}' that this PostHocEMA wrote is missing")
-        info = read_snapshot_info(path)
-        expected = (self._run_id, record["iteration"], record["index"], record["gamma"])
-        if (info.run_id, info.iteration, info.index, info.gamma) != expected:
-            raise ValueError(
-                f"the snapshot '{path}' holds iteration {info.iteration} of EMA {info.index} of run "
-                f"{info.run_id[:8]}, not what this PostHocEMA wrote there: was it overwritten by another run?"
-            )
-        return info
+    def _read_recorded(self, on_error: OnError) -> list[SnapshotInfo]:
+        """The snapshots this handler wrote, each checked to be there and to be what it wrote."""
+        records = {self.snapshot_dir / r["file"]: r for r in self._records}
+        for path in records:
+            if not path.is_file():
+                raise FileNotFoundError(f"the snapshot '{path}' that this PostHocEMA wrote is missing")
+        infos = read_snapshot_infos(list(records), on_error, f"'{self.snapshot_dir}'")
+        for info in infos:
+            record = records[info.path]
+            expected = (self._run_id, record["iteration"], record["index"], record["gamma"])
+            if (info.run_id, info.iteration, info.index, info.gamma) != expected:
+                raise ValueError(
+                    f"the snapshot '{info.path}' holds iteration {info.iteration} of EMA {info.index} of run "
+                    f"{info.run_id[:8]}, not what this PostHocEMA wrote there: was it overwritten by another run?"
+                )
+        return infos
 
     # ------------------------------------------------------------------ state
 
@@ -413,12 +439,38 @@ class PostHocEMA(Serializable):
             raise ValueError(f"PostHocEMA state 'emas' must be a list of {len(self._emas)} EMA states")
         for ema, state in zip(self._emas, emas, strict=True):
             ema.check_state_dict(state)
-        records = [self._check_record(r) for r in state_dict["snapshots"]]
+        records = self._check_records(state_dict["snapshots"], counters["last_update_iteration"])
+        # Everything is checked: from here on nothing raises, so nothing is half-loaded.
         for ema, state in zip(self._emas, emas, strict=True):
             ema.load_state_dict(state)
         self._records = records
         self._run_id = state_dict["run_id"]
         self._clock.load_state_dict(counters)
+
+    def _check_records(self, records: object, last_update: int) -> list[dict[str, Any]]:
+        """The snapshot entries of a state: each of a tracked EMA, in order, once, none after the last update."""
+        if isinstance(records, (str, bytes)) or not isinstance(records, Sequence):
+            raise ValueError(f"PostHocEMA state 'snapshots' must be a list of entries; found {type(records).__name__}")
+        checked = [self._check_record(r) for r in records]
+        seen: set[tuple[int, int]] = set()
+        previous = 0
+        for record in checked:
+            iteration, key = record["iteration"], (record["iteration"], record["index"])
+            if iteration > last_update:
+                raise ValueError(
+                    f"the snapshot entry {record} is of iteration {iteration}, after the state's last update "
+                    f"(iteration {last_update}): snapshots are written at updates, so the state is inconsistent"
+                )
+            if iteration < previous:
+                raise ValueError(
+                    f"the snapshot entries are not in the order they were written: {record} comes after an entry "
+                    f"of iteration {previous}"
+                )
+            if key in seen:
+                raise ValueError(f"the snapshot entry {record} is there twice: one EMA has one snapshot an iteration")
+            seen.add(key)
+            previous = iteration
+        return checked
 
     def _check_record(self, record: object) -> dict[str, Any]:
         if not isinstance(record, Mapping) or any(k not in record for k in _RECORD_KEYS):

@@ -25,7 +25,15 @@ from torch import Tensor, nn
 from ignite_ema._checks import check_count, check_device, check_same_shapes
 from ignite_ema.model_ema import named_tensors, unwrap_model
 from ignite_ema.posthoc_math import check_sigma_rel, sigma_rel_to_gamma, synthesis_coefficients
-from ignite_ema.posthoc_snapshots import AVERAGED, Slot, SnapshotInfo, layout_of, list_snapshots, load_snapshot_data
+from ignite_ema.posthoc_snapshots import (
+    AVERAGED,
+    OnError,
+    Slot,
+    SnapshotInfo,
+    layout_of,
+    list_snapshots,
+    load_snapshot_data,
+)
 
 __all__ = ["load_reconstruction", "reconstruct_from_snapshots"]
 
@@ -40,6 +48,7 @@ def reconstruct_from_snapshots(
     *,
     model: nn.Module,
     device: torch.device | str | None = None,
+    on_error: OnError = "warn",
 ) -> dict[str, Tensor]: ...
 
 
@@ -51,6 +60,7 @@ def reconstruct_from_snapshots(
     *,
     model: nn.Module,
     device: torch.device | str | None = None,
+    on_error: OnError = "warn",
 ) -> list[dict[str, Tensor]]: ...
 
 
@@ -61,6 +71,7 @@ def reconstruct_from_snapshots(
     *,
     model: nn.Module,
     device: torch.device | str | None = None,
+    on_error: OnError = "warn",
 ) -> dict[str, Tensor] | list[dict[str, Tensor]]:
     """The EMA of width ``sigma_rel`` at ``iteration``, from the snapshots in ``snapshot_dir`` alone.
 
@@ -79,8 +90,12 @@ def reconstruct_from_snapshots(
         model: the model the snapshots were written for (names and shapes are
             checked); its values are not used.
         device: where to accumulate and return the tensors (CPU by default).
+        on_error: what to do about a snapshot file that does not read
+            (truncated, say): ``"warn"`` leaves it out, with one warning
+            naming every such file, and reconstructs from the others;
+            ``"raise"`` raises its ``ValueError``.
     """
-    infos = list_snapshots(snapshot_dir)
+    infos = list_snapshots(snapshot_dir, on_error=on_error)
     sigma_rels, several = target_sigma_rels(sigma_rel)
     results = reconstruct_listed(infos, sigma_rels, iteration, model=model, device=device)
     return results if several else results[0]
@@ -221,7 +236,8 @@ def _check_against_model(infos: Sequence[SnapshotInfo], module: nn.Module) -> No
 def load_reconstruction(model: nn.Module, tensors: Mapping[str, Tensor]) -> nn.Module:
     """Copy a reconstruction into ``model`` (unwrapped) by name, casting to its dtypes; returns ``model``.
 
-    All or nothing: names and shapes are checked before anything is copied.
+    All or nothing: names, shapes and dtypes (castable without a change of
+    kind) are checked before anything is copied.
 
     Args:
         model: a module of the architecture the snapshots were written for.
@@ -232,13 +248,24 @@ def load_reconstruction(model: nn.Module, tensors: Mapping[str, Tensor]) -> nn.M
     if not isinstance(tensors, Mapping) or not all(isinstance(t, Tensor) for t in tensors.values()):
         raise TypeError("tensors must map names to tensors, as a reconstruction returns")
     targets = named_tensors(unwrap_model(model))
+    hint = "load it into a model of the architecture the snapshots were written for"
     check_same_shapes(
         {n: t.shape for n, t in targets.items()},
         {n: t.shape for n, t in tensors.items()},
         "the reconstruction",
-        hint="load it into a model of the architecture the snapshots were written for",
+        hint=hint,
         reference="the model",
     )
+    for name, target in targets.items():  # what copy_ would fail on, or do lossily, half-way through the model
+        value = tensors[name]
+        if value.layout != torch.strided or value.is_meta:
+            kind = "a meta tensor" if value.is_meta else f"a {value.layout} tensor"
+            raise ValueError(f"tensor '{name}' of the reconstruction is {kind}, with no dense values to load")
+        if not torch.can_cast(value.dtype, target.dtype):
+            raise ValueError(
+                f"tensor '{name}' is {value.dtype} in the reconstruction, {target.dtype} in the model, and cannot be "
+                f"cast without losing its kind (a complex into a real, a float into an integer): {hint}"
+            )
     with torch.no_grad():
         for name, target in targets.items():
             target.copy_(tensors[name])

@@ -10,7 +10,9 @@ in the snapshot dtype, copied tensors in their own), with a layout of
 ``[name, buffer, offset, shape]`` kept as one JSON string: a model of 1,800
 tensors is then a file of a handful of objects, fast to write, to load
 (``weights_only``) and to add up. The file names are for people; the reader
-goes by the contents.
+goes by the contents. A file that does not read (truncated by a full disk or
+an interrupted copy) is skipped with one warning by default: one bad file
+must not cost the snapshots it does not touch.
 """
 
 from __future__ import annotations
@@ -18,14 +20,16 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from os import PathLike
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
+
+from ignite_ema._checks import warn_at_caller
 
 __all__ = [
     "SNAPSHOT_FORMAT",
@@ -41,6 +45,7 @@ _NAME = re.compile(r"^phema-(\d+)-(\d+)-[^/\\]*\.pt$")
 _KEYS = ("format", "run_id", "iteration", "index", "sigma_rel", "gamma", "handle_buffers", "layout", "buffers")
 _SLOTS = "_slots"  # the layout, parsed once, kept with the loaded contents
 AVERAGED, COPIED = "averaged", "copied"  # the two kinds of buffer: averages, and tensors copied from the student
+OnError = Literal["warn", "raise"]
 
 
 def snapshot_filename(iteration: int, index: int, sigma_rel: float) -> str:
@@ -173,7 +178,49 @@ def read_snapshot_info(path: str | PathLike[str]) -> SnapshotInfo:
     )
 
 
-def list_snapshots(snapshot_dir: str | PathLike[str]) -> list[SnapshotInfo]:
+def check_on_error(on_error: object) -> OnError:
+    """``on_error`` if it is ``"warn"`` or ``"raise"``."""
+    if on_error == "warn":
+        return "warn"
+    if on_error == "raise":
+        return "raise"
+    raise ValueError(f"on_error can only be 'warn' or 'raise'; found {on_error!r}")
+
+
+def read_snapshot_infos(paths: Sequence[Path], on_error: OnError, where: str) -> list[SnapshotInfo]:
+    """The info of each file of ``paths`` that reads, in order.
+
+    A file that does not read (truncated, or not a snapshot) raises its
+    ``ValueError`` with ``on_error="raise"``; with ``"warn"`` it is skipped,
+    and one warning names every skipped file. ``ValueError`` if there are
+    files and none reads.
+
+    Args:
+        paths: the snapshot files.
+        on_error: ``"warn"`` or ``"raise"`` (checked by the caller).
+        where: where the files are, for the messages.
+    """
+    infos: list[SnapshotInfo] = []
+    skipped: list[tuple[Path, ValueError]] = []
+    for path in paths:
+        try:
+            infos.append(read_snapshot_info(path))
+        except ValueError as error:
+            if on_error == "raise":
+                raise
+            skipped.append((path, error))
+    if skipped and not infos:
+        raise ValueError(f"none of the {len(skipped)} snapshot file(s) in {where} reads; the first: {skipped[0][1]}")
+    if skipped:
+        names = ", ".join(f"'{p.name}'" for p, _ in skipped)
+        warn_at_caller(
+            f"skipped {len(skipped)} unreadable snapshot file(s) in {where}: {names} (the first: {skipped[0][1]}). "
+            f"The other {len(infos)} are used; pass on_error='raise' to stop instead"
+        )
+    return infos
+
+
+def list_snapshots(snapshot_dir: str | PathLike[str], *, on_error: OnError = "warn") -> list[SnapshotInfo]:
     """Every snapshot in ``snapshot_dir``, by iteration then index; other files are ignored.
 
     Raises ``FileNotFoundError`` / ``NotADirectoryError`` for a missing
@@ -182,14 +229,19 @@ def list_snapshots(snapshot_dir: str | PathLike[str]) -> list[SnapshotInfo]:
 
     Args:
         snapshot_dir: the directory a :class:`~ignite_ema.PostHocEMA` wrote.
+        on_error: what to do about a snapshot file that does not read
+            (truncated, say): ``"warn"`` skips it, with one warning naming
+            every such file, and lists the others; ``"raise"`` raises its
+            ``ValueError``.
     """
+    on_error = check_on_error(on_error)
     directory = Path(snapshot_dir).expanduser()
     if not directory.exists():
         raise FileNotFoundError(f"snapshot_dir '{directory}' does not exist")
     if not directory.is_dir():
         raise NotADirectoryError(f"snapshot_dir '{directory}' is not a directory")
     paths = [p for p in sorted(directory.iterdir()) if snapshot_name_matches(p.name) and p.is_file()]
-    infos = [read_snapshot_info(p) for p in paths]
+    infos = read_snapshot_infos(paths, on_error, f"'{directory}'")
     if not infos:
         raise ValueError(
             f"snapshot_dir '{directory}' holds no PostHocEMA snapshots (files named phema-<iteration>-<index>-"

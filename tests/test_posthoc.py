@@ -6,6 +6,7 @@ over the student's trajectory, never by the code under test.
 
 from __future__ import annotations
 
+import copy
 import itertools
 import json
 import math
@@ -13,8 +14,10 @@ import re
 import shutil
 import subprocess
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -159,6 +162,54 @@ def test_the_clock_goes_on_across_runs_and_a_resume_without_state_warns_at_the_c
     assert resumed.state.posthoc_momentum == pytest.approx((1 - (199 / 200) ** (gamma + 1),))
     # The first update is past every multiple of 10 up to 100: it is snapshotted, then 110, 120, ...
     assert [i.iteration for i in fresh.snapshots][:3] == [101, 110, 120]
+
+
+def test_the_first_update_copies_the_student_whatever_the_event_period(tmp_path: Path) -> None:
+    # The EMAs start as copies of a NaN student. The first update, at iteration 3, must copy the student: an average
+    # with momentum 1 (what a "first update" keyed on iteration 1 would do here) keeps the NaN, as 0 * NaN is NaN.
+    model = student()
+    with torch.no_grad():
+        model.weight.fill_(float("nan"))
+    trainer = follow(model, trajectory)
+    posthoc = PostHocEMA(model, (0.05, 0.10), snapshot_every=10_000, snapshot_dir=tmp_path)
+    posthoc.attach(trainer, event=Events.ITERATION_COMPLETED(every=3))
+    trainer.run(range(30), max_epochs=1)
+    times = list(range(3, 31, 3))
+    for ema, sigma in zip(posthoc.ema_models, (0.05, 0.10), strict=True):
+        want = power_ema([trajectory(t) for t in times], times, sigma_rel_to_gamma(sigma))
+        torch.testing.assert_close(ema.weight.detach()[0], want, rtol=0, atol=1e-12)
+
+
+def test_a_trainer_rolled_back_to_an_earlier_iteration_continues_the_handlers_clock(tmp_path: Path) -> None:
+    # The student moves on at every step, whatever iteration the engine counts: the handler sees 35 steps in a row.
+    model = student()
+    steps = [0]
+
+    def step(engine: Engine, batch: object) -> None:
+        steps[0] += 1
+        with torch.no_grad():
+            model.weight.copy_(trajectory(steps[0], 35)[None])
+
+    trainer = Engine(step)
+    posthoc = PostHocEMA(model, (0.05, 0.10), snapshot_every=4, snapshot_dir=tmp_path)
+    posthoc.attach(trainer)
+    trainer.run(range(10), max_epochs=1)  # the handler's clock 1..10
+    trainer.run(range(10), max_epochs=1)  # a finished engine restarts at 0: the clock 11..20
+    # An older checkpoint of the trainer, not of the handler: the engine goes back to iteration 5 (of 20), and its
+    # iterations 6..20 are the clock's 21..35. Going on from 20 - 5 or from 20 alone would shift every snapshot.
+    trainer.load_state_dict({"iteration": 5, "epoch_length": 10, "max_epochs": 2})
+    with no_warnings():
+        trainer.run(range(10))
+    assert steps[0] == 35 and trainer.state.iteration == 20
+    times = (4, 8, 10, 12, 16, 20, 24, 28, 32, 35)  # each multiple of 4, and the end of each completed run
+    assert [(i.iteration, i.index) for i in posthoc.snapshots] == [(t, k) for t in times for k in (0, 1)]
+    values = [trajectory(n, 35) for n in range(1, 36)]
+    for ema, sigma in zip(posthoc.ema_models, (0.05, 0.10), strict=True):
+        gamma = sigma_rel_to_gamma(sigma)
+        torch.testing.assert_close(ema.weight.detach()[0], power_ema(values, range(1, 36), gamma), rtol=0, atol=1e-12)
+    assert trainer.state.posthoc_momentum == pytest.approx(
+        tuple(1 - (34 / 35) ** (sigma_rel_to_gamma(s) + 1) for s in (0.05, 0.10))
+    )
 
 
 def test_low_precision_students_are_averaged_in_float32(tmp_path: Path) -> None:
@@ -346,6 +397,123 @@ def test_a_reconstruction_loads_into_a_fresh_model_and_several_targets_take_one_
     assert torch.equal(other.weight.detach(), before)
 
 
+def test_a_constant_student_is_reconstructed_exactly_at_any_width(tmp_path: Path) -> None:
+    # Whatever the fit, the weights of the snapshots must sum to 1: a student that never moves comes back as itself.
+    model = student()
+    value = torch.tensor([[0.3, -2.0, 7.25, 1e-3, -40.0, 1.0]], dtype=torch.float64)
+    with torch.no_grad():
+        model.weight.copy_(value)
+    trainer = Engine(lambda engine, batch: None)
+    posthoc = PostHocEMA(model, (0.05, 0.10), snapshot_every=20, snapshot_dir=tmp_path, snapshot_dtype=None)
+    posthoc.attach(trainer, event=Events.ITERATION_COMPLETED(every=3))
+    trainer.run(range(200), max_epochs=1)
+    widths = [0.02, 0.04, 0.05, 0.07, 0.10, 0.15, 0.22, 0.28, 1 / math.sqrt(12)]  # tracked, between, outside
+    for iteration in (60, 120, 198):  # snapshot iterations: 21, 42, 60, 81, ..., 180, and 198 (the last update)
+        for sigma, got in zip(widths, posthoc.reconstruct(widths, iteration=iteration), strict=True):
+            torch.testing.assert_close(got["weight"], value, rtol=1e-12, atol=0, msg=f"{sigma} at {iteration}")
+
+
+def _truncate(path: Path) -> None:
+    with open(path, "r+b") as file:
+        file.truncate(path.stat().st_size // 2)
+
+
+def test_a_truncated_snapshot_is_skipped_with_one_warning_and_the_others_are_used(tmp_path: Path) -> None:
+    posthoc, kept = _tracked_run(tmp_path, snapshot_every=250, snapshot_dtype=torch.float16)
+    directory = posthoc.snapshot_dir
+    at_1000 = posthoc.reconstruct([0.07, 0.15], iteration=1000)
+    bad = "phema-0000002000-0-0.05.pt"  # the last snapshot of the EMA of width 0.05
+    _truncate(directory / bad)
+
+    def one_warning_naming_it(call: Callable[[], Any]) -> Any:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            result = call()
+        assert [bad in str(w.message) for w in caught] == [True], [str(w.message) for w in caught]
+        assert "skipped 1 unreadable snapshot file(s)" in str(caught[0].message)
+        assert caught[0].filename == __file__  # at the user's line
+        return result
+
+    listed = one_warning_naming_it(lambda: list_snapshots(directory))
+    assert [(i.iteration, i.index) for i in listed] == [
+        (t, k) for t in range(250, T + 1, 250) for k in (0, 1) if (t, k) != (T, 0)
+    ]
+    # Earlier iterations do not use the file: their reconstructions are what they were.
+    again = one_warning_naming_it(
+        lambda: reconstruct_from_snapshots(directory, [0.07, 0.15], iteration=1000, model=student())
+    )
+    for a, b in zip(again, at_1000, strict=True):
+        assert torch.equal(a["weight"], b["weight"])
+    # At the last iteration the other EMA's snapshot is still there: width 0.10 comes back as the live EMA.
+    for got in (
+        one_warning_naming_it(lambda: posthoc.reconstruct(0.10)),
+        one_warning_naming_it(lambda: reconstruct_from_snapshots(directory, 0.10, model=student())),
+    ):
+        live = kept[T][1]
+        assert ((got["weight"][0] - live).abs() <= 2.0**-11 * live.abs() + 1e-9).all()  # float16 rounding
+
+    match = rf"'.*{bad}' is not a readable PostHocEMA snapshot"
+    with pytest.raises(ValueError, match=match):
+        list_snapshots(directory, on_error="raise")
+    with pytest.raises(ValueError, match=match):
+        reconstruct_from_snapshots(directory, 0.10, model=student(), on_error="raise")
+    with pytest.raises(ValueError, match=match):
+        posthoc.reconstruct(0.10, on_error="raise")
+    with pytest.raises(ValueError, match="on_error can only be 'warn' or 'raise'; found 'ignore'"):
+        posthoc.reconstruct(0.10, on_error="ignore")  # type: ignore[call-overload]
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    shutil.copy(directory / bad, alone)
+    with pytest.raises(ValueError, match=r"none of the 1 snapshot file\(s\) in '.*alone' reads; the first: .*"):
+        list_snapshots(alone)
+
+
+def _two_layer_reconstruction(tmp_path: Path) -> tuple[Callable[[], nn.Module], dict[str, Tensor]]:
+    """A model of three layers (BatchNorm in the middle), and a reconstruction of it after 10 moving steps."""
+
+    def build() -> nn.Module:
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
+
+    model = build()
+
+    def step(engine: Engine, batch: object) -> None:
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.1)
+
+    trainer = Engine(step)
+    posthoc = PostHocEMA(model, (0.05, 0.10), snapshot_every=5, snapshot_dir=tmp_path)
+    posthoc.attach(trainer)
+    trainer.run(range(10), max_epochs=1)
+    return build, posthoc.reconstruct(0.07)
+
+
+@pytest.mark.parametrize(
+    ("bad", "match"),
+    [
+        (torch.zeros(2, 5), r"tensor '2.weight' has shape \(2, 5\) in the reconstruction, \(2, 4\) in the model"),
+        (torch.ones(2, 4, dtype=torch.complex64), "'2.weight' is torch.complex64 in the reconstruction, torch.float32"),
+        (torch.empty(2, 4, device="meta"), "'2.weight' of the reconstruction is a meta tensor"),
+    ],
+    ids=["shape", "complex", "meta"],
+)
+def test_a_reconstruction_that_does_not_fit_changes_no_tensor_of_the_model(
+    tmp_path: Path, bad: Tensor, match: str
+) -> None:
+    build, tensors = _two_layer_reconstruction(tmp_path)
+    model = build()
+    before = {n: t.detach().clone() for n, t in model.state_dict().items()}
+    for name in ("0.weight", "0.bias", "1.weight", "1.bias", "2.bias"):  # a half-load would show in each of these
+        assert not torch.equal(tensors[name], before[name]), name
+    with pytest.raises(ValueError, match=match):
+        load_reconstruction(model, {**tensors, "2.weight": bad})  # the last weight: four tensors come before it
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, before[name]), name
+    load_reconstruction(model, tensors)  # and the whole reconstruction loads
+    assert all(torch.equal(t, tensors[n].to(t.dtype)) for n, t in model.state_dict().items())
+
+
 # ---------------------------------------------------------------------- bad input
 
 
@@ -452,6 +620,45 @@ def test_load_state_dict_is_all_or_nothing(tmp_path: Path) -> None:
     assert torch.equal(same.ema_models[0].weight.detach(), before) and same.snapshots == []
     same.load_state_dict(state)
     assert [i.iteration for i in same.snapshots] == [10, 10, 20, 20, 25, 25]  # and the run's end
+
+
+def test_a_state_whose_snapshot_entries_do_not_fit_changes_nothing(tmp_path: Path) -> None:
+    model = student()
+    trainer = follow(model, trajectory)
+    posthoc = PostHocEMA(model, snapshot_every=10, snapshot_dir=tmp_path / "a")
+    posthoc.attach(trainer)
+    trainer.run(range(25), max_epochs=1)
+    state = posthoc.state_dict()  # EMAs that fit any PostHocEMA of this model and widths
+    records = state["snapshots"]
+    assert [r["iteration"] for r in records] == [10, 10, 20, 20, 25, 25]
+    # A handler with a state of its own, on another trajectory: what a refused load must leave as it is.
+    other = PostHocEMA(student(), snapshot_every=10, snapshot_dir=tmp_path / "b")
+    other_trainer = follow(other.model, lambda t: -trajectory(t))
+    other.attach(other_trainer)
+    other_trainer.run(range(15), max_epochs=1)
+    before = copy.deepcopy(other.state_dict())
+    live = [m.weight.detach().clone() for m in other.ema_models]
+    cases = [
+        ([*records[:-1], {**records[-1], "index": 2}], "is not of an EMA that this PostHocEMA tracks"),
+        (
+            [*records[:-1], {**records[-1], "iteration": 26}],
+            r"iteration 26, after the state's last update \(iteration 25",
+        ),
+        ([records[2], records[0], *records[3:]], "not in the order they were written"),
+        ([*records, records[-1]], "is there twice"),
+        ({"file": "x"}, "'snapshots' must be a list of entries; found dict"),
+    ]
+    for snapshots, match in cases:
+        with pytest.raises(ValueError, match=match):
+            other.load_state_dict({**state, "snapshots": snapshots})
+        after = other.state_dict()
+        assert after["snapshots"] == before["snapshots"] and after["run_id"] == before["run_id"], match
+        assert all(after[k] == before[k] for k in ("last_update_iteration", "iteration_offset")), match
+        for got, want in zip(after["emas"], before["emas"], strict=True):
+            assert torch.equal(got["tensors"]["weight"], want["tensors"]["weight"]), match
+        assert all(torch.equal(m.weight, w) for m, w in zip(other.ema_models, live, strict=True)), match
+    other.load_state_dict(state)  # the state itself loads
+    assert torch.equal(other.ema_models[0].weight, posthoc.ema_models[0].weight)
 
 
 # ---------------------------------------------------------------------- resume
