@@ -160,8 +160,9 @@ def recalibrate_bn(
     During the pass the whole model is in train mode (so dropout is active, as
     in ``update_bn``) and under ``torch.no_grad()``; afterwards every
     submodule's mode and every layer's ``momentum`` are as before. Layers with
-    ``track_running_stats=False`` have no statistics and are left alone; if no
-    layer has statistics, nothing happens and ``data`` is not iterated. If the
+    ``track_running_stats=False`` have no statistics and are left alone; a
+    model without any layer that has statistics is a ``ValueError`` (there is
+    nothing to re-estimate: the wrong model?) and ``data`` is not iterated. If the
     pass fails (a malformed batch, an error in the model, no batches at all),
     the statistics are restored to their values before the call.
 
@@ -209,9 +210,7 @@ def recalibrate_bn(
     _check_num_batches(num_batches)
     _check_input_key(input_key)
     _check_forward_fn(forward_fn, input_key, device)
-    layers = [m for m in model.modules() if isinstance(m, _NormBase) and m.track_running_stats]
-    if not layers:
-        return 0
+    layers = _layers_with_statistics(model)
     if device is None:
         device = _model_device(model)
 
@@ -256,6 +255,18 @@ def recalibrate_bn(
         for module, training in modes:
             module.training = training
     return used
+
+
+def _layers_with_statistics(model: nn.Module) -> list[_NormBase]:
+    """The normalisation layers with running statistics; a ``ValueError`` when there are none."""
+    layers = [m for m in model.modules() if isinstance(m, _NormBase) and m.track_running_stats]
+    if not layers:
+        raise ValueError(
+            f"recalibrate_bn: {type(model).__name__} has no normalisation layer with running statistics (BatchNorm, "
+            "or InstanceNorm with track_running_stats=True), so there is nothing to re-estimate. Pass the model that "
+            "has them (the EMA model, say), or drop the recalibration"
+        )
+    return layers
 
 
 def _running_stats(layer: _NormBase) -> list[Tensor]:
@@ -409,6 +420,7 @@ class BNRecalibration:
         _check_num_batches(num_batches)
         _check_input_key(input_key)
         _check_forward_fn(forward_fn, input_key, device)
+        _layers_with_statistics(model)
         self.model = model
         self.data = data
         self.num_batches = num_batches

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
+from ignite_ema import ModelEMA
 from ignite_ema.averaging import FiniteCheck, ShadowAverager, TensorCopier, shadow_dtype_for, swap_values
 
 
@@ -20,6 +22,9 @@ def _tensors(dtypes: list[torch.dtype], seed: int) -> list[torch.Tensor]:
         [torch.float32] * 4,
         [torch.float64, torch.float32, torch.float64],
         [torch.float16, torch.bfloat16, torch.float32],
+        # float32 shadows all: the group's first pair has equal dtypes and later ones do not, so the pairs must be
+        # grouped on the student's dtype too (one lerp of a float32 shadow and a bf16 student would raise)
+        [torch.float32, torch.bfloat16, torch.float16, torch.float32],
     ],
 )
 def test_update_matches_a_plain_loop(dtypes: list[torch.dtype]) -> None:
@@ -38,6 +43,24 @@ def test_update_matches_a_plain_loop(dtypes: list[torch.dtype]) -> None:
             student.dtype, student.dtype
         )
         torch.testing.assert_close(shadow.double(), exp, rtol=1e-6, atol=1e-6)  # shadows are >= fp32
+
+
+def test_a_bf16_model_whose_first_tensor_is_float32_averages_like_a_plain_loop() -> None:
+    # A float32 LayerNorm first (kept in float32 on purpose), bf16 layers after it: every shadow is float32.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.LayerNorm(4), nn.Linear(4, 3).to(torch.bfloat16))
+    ema = ModelEMA(model)
+    expected = {n: t.detach().double() for n, t in model.named_parameters()}
+    for momentum in (0.5, 0.25):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.5)
+        ema.update(momentum)
+        expected = {n: (1 - momentum) * e + momentum * model.get_parameter(n).double() for n, e in expected.items()}
+    shadows = ema.state_dict()["tensors"]
+    for name, want in expected.items():
+        assert shadows[name].dtype == torch.float32, name
+        torch.testing.assert_close(shadows[name].double(), want, rtol=1e-6, atol=1e-6)
 
 
 def test_a_float32_shadow_of_a_bf16_student_absorbs_steps_below_bf16_resolution() -> None:

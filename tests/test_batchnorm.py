@@ -364,6 +364,29 @@ def test_recalibrate_restores_each_submodules_mode_and_momentum() -> None:
     assert [layer.momentum for layer in bn_layers(model)] == [0.05, None]
 
 
+class FrozenBNSequential(nn.Sequential):
+    """A model whose ``train()`` keeps its BatchNorm layers in eval mode, as detection backbones freeze them."""
+
+    def train(self, mode: bool = True) -> FrozenBNSequential:
+        super().train(mode)
+        for layer in bn_layers(self):
+            layer.eval()
+        return self
+
+
+def test_recalibrate_re_estimates_layers_that_the_models_train_keeps_in_eval_mode() -> None:
+    model = FrozenBNSequential(*conv_model())
+    inputs = conv_inputs(3)
+    model.train()
+    assert not any(layer.training for layer in bn_layers(model))
+
+    assert recalibrate_bn(model, inputs) == 3
+
+    # not the reset statistics (mean 0, variance 1) that eval-mode layers would have kept
+    check_conv_model_stats(model, expected_conv_model_stats(model, inputs), num_batches=3)
+    assert not any(layer.training for layer in bn_layers(model))
+
+
 BATCH_FORMS: list[tuple[str, Callable[[Tensor], Any], Any]] = [
     ("tuple", lambda x: (x, torch.zeros(len(x))), None),
     ("list-index", lambda x: [torch.zeros(len(x)), x], 1),
@@ -383,11 +406,14 @@ def test_recalibrate_finds_the_input_in_structured_batches(make_batch: Callable[
     check_conv_model_stats(model, expected_conv_model_stats(model, inputs), num_batches=3)
 
 
-def test_recalibrate_is_a_no_op_without_tracked_batchnorm() -> None:
+def test_recalibrate_refuses_a_model_without_tracked_batchnorm() -> None:
     model = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2, track_running_stats=False))
     state = deepcopy(model.state_dict())
 
-    assert recalibrate_bn(model, MustNotIterate()) == 0
+    with pytest.raises(ValueError, match="no normalisation layer with running statistics"):
+        recalibrate_bn(model, MustNotIterate())
+    with pytest.raises(ValueError, match="nothing to re-estimate"):
+        BNRecalibration(model, [torch.zeros(2, 2)])
 
     assert model.state_dict().keys() == state.keys()
     assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())

@@ -76,6 +76,14 @@ def test_power_warmup_literal_values() -> None:
     assert [power_warmup(0.3, n, 2.0, 0.5) for n in (2, 6, 30)] == pytest.approx([0.7071067811865476, 0.5, 0.3])
 
 
+def test_power_warmup_counts_averaging_updates_not_iterations() -> None:
+    # every=3 after a start phase up to iteration 3: the update at iteration 12 is the 3rd averaging one (6, 9, 12),
+    # or the 2nd if the one at 9 was skipped; 9 iterations since the start would give (1 + 9 / 2) ** -0.5 = 0.43.
+    schedule = MomentumSchedule(momentum=0.01, power_warmup=(2.0, 0.5), start_iteration=3)
+    assert schedule(iteration=12, last_update_iteration=9, num_averaged=2) == pytest.approx(2.5**-0.5, rel=1e-15)
+    assert schedule(iteration=12, last_update_iteration=6, num_averaged=1) == pytest.approx(2.0**-0.5, rel=1e-15)
+
+
 @pytest.mark.parametrize(
     ("spec", "expected"),
     [
