@@ -19,12 +19,22 @@ from __future__ import annotations
 
 import numbers
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
 
-__all__ = ["FiniteCheck", "ShadowAverager", "TensorCopier", "check_momentum", "shadow_dtype_for", "swap_values"]
+__all__ = [
+    "FiniteCheck",
+    "ShadowAverager",
+    "TensorCopier",
+    "Transfer",
+    "ValueSwap",
+    "check_momentum",
+    "shadow_dtype_for",
+    "swap_values",
+]
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -46,17 +56,69 @@ def check_momentum(momentum: object) -> float:
     return value
 
 
+@dataclass(frozen=True)
+class Transfer:
+    """How tensors are copied from one device to another so that the copy has landed before anyone reads it.
+
+    Attributes:
+        non_blocking: passed to the copies.
+        wait_on: the device whose current stream the host waits for after the
+            copies, once (``None``: no wait is needed).
+    """
+
+    non_blocking: bool
+    wait_on: torch.device | None
+
+    @staticmethod
+    def between(source: torch.device, target: torch.device, pinned_source: bool) -> Transfer:
+        """The transfer for copies from ``source`` to ``target`` (two devices).
+
+        - Device to host: asynchronous into the (pinned) host memory, so the
+          host must wait before reading it: one stream synchronisation.
+        - Host to device from pageable memory: safe asynchronously (the copy
+          is staged before the call returns, and the device stream orders
+          later kernels after it). From pinned memory the DMA reads the source
+          later, and the host may write it first (an optimiser step on an
+          offloaded student): blocking.
+        - Device to device: stream-ordered, no wait.
+        """
+        if source.type == "cpu":
+            return Transfer(non_blocking=not pinned_source, wait_on=None)
+        return Transfer(non_blocking=True, wait_on=source if target.type == "cpu" else None)
+
+    def copy(self, targets: list[Tensor], sources: list[Tensor]) -> None:
+        """``targets[i].copy_(sources[i])`` for every pair; complete for the host when it returns."""
+        torch._foreach_copy_(targets, sources, non_blocking=self.non_blocking)
+        if self.wait_on is not None:
+            _wait_for(self.wait_on)
+
+
+def _wait_for(device: torch.device) -> None:
+    """Block the host until the work queued on ``device``'s current stream is done."""
+    if device.type == "cuda":
+        torch.cuda.current_stream(device).synchronize()
+    elif device.type != "cpu":
+        torch.accelerator.synchronize(device)
+
+
 class _Pairs:
     """``(dst, src)`` pairs that share the device and dtype of each side: one multi-tensor call updates them all.
 
     torch's ``_group_tensors_by_device_and_dtype`` keys on the first list alone and refuses, for one, an fp16
-    source beside a float32 destination, so the pairs are grouped here on both sides.
+    source beside a float32 destination, so the pairs are grouped here on both sides. Pairs across two devices
+    copy through :class:`Transfer`, and their sources are staged in memory of their own, allocated once.
     """
 
     def __init__(self, dst: list[Tensor], src: list[Tensor]) -> None:
         self.dst, self.src = dst, src
         self.same_dtype = dst[0].dtype == src[0].dtype
         self.same_device = dst[0].device == src[0].device
+        self.transfer = (
+            None
+            if self.same_device
+            else Transfer.between(src[0].device, dst[0].device, any(s.is_pinned() for s in src))
+        )
+        self._staging: list[Tensor] | None = None
 
     @staticmethod
     def group(dst: Sequence[Tensor], src: Sequence[Tensor]) -> list[_Pairs]:
@@ -69,10 +131,21 @@ class _Pairs:
         return [_Pairs(d, s) for d, s in buckets.values()]
 
     def sources_here(self) -> list[Tensor]:
-        """The sources, brought to the destinations' device: the one path that allocates."""
-        if self.same_device:
+        """The sources, on the destinations' device and ready to read: themselves, or their staged copies."""
+        if self.transfer is None:
             return self.src
-        return [s.to(self.dst[0].device, non_blocking=True) for s in self.src]
+        if self._staging is None:  # pinned host memory for copies off a device, so that they can be asynchronous
+            pin = self.dst[0].device.type == "cpu" and self.src[0].device.type != "cpu"
+            self._staging = [torch.empty_like(s, device=self.dst[0].device, pin_memory=pin) for s in self.src]
+        self.transfer.copy(self._staging, self.src)
+        return self._staging
+
+    def copy_sources(self) -> None:
+        """``dst[i].copy_(src[i])`` for every pair, landed before the host reads the destinations."""
+        if self.transfer is None:
+            torch._foreach_copy_(self.dst, self.src)
+        else:
+            self.transfer.copy(self.dst, self.src)
 
 
 def _check_pairs(dst: Sequence[Tensor], src: Sequence[Tensor], what: str) -> None:
@@ -102,7 +175,7 @@ class TensorCopier:
     def copy(self) -> None:
         """``target.copy_(source)`` for every pair."""
         for group in self._groups:
-            torch._foreach_copy_(group.dst, group.src, non_blocking=True)
+            group.copy_sources()
 
 
 class ShadowAverager:
@@ -151,7 +224,7 @@ class ShadowAverager:
     def copy_students(self) -> None:
         """Set every shadow to its student's current value: the average restarts there."""
         for group in self._groups:
-            torch._foreach_copy_(group.dst, group.src, non_blocking=True)
+            group.copy_sources()
 
 
 class FiniteCheck:
@@ -193,26 +266,34 @@ class FiniteCheck:
         return None
 
 
-def swap_values(first: Sequence[Tensor], second: Sequence[Tensor]) -> None:
+class ValueSwap:
     """Exchange the values of ``first[i]`` and ``second[i]`` in place (same shapes and dtypes, any devices).
 
     The scratch memory is one byte buffer per device of ``first``, the size of
-    the largest tensor, allocated before anything is written, so a failure to
-    allocate changes nothing. Within that size, tensors are exchanged in
+    the largest tensor, allocated here, before anything is written, and kept:
+    :meth:`exchange` allocates nothing, so the exchange back at the end of a
+    swap cannot fail for memory. Within that size, tensors are exchanged in
     chunks: three multi-tensor copies per chunk.
+
+    Args:
+        first, second: the tensors whose values are exchanged, pair by pair.
     """
-    _check_pairs(first, second, "second")
-    first, second = [t.detach() for t in first], [t.detach() for t in second]
-    groups = _Pairs.group(first, second)
-    scratch: dict[torch.device, Tensor] = {}
-    for group in groups:
-        size = max(t.numel() * t.element_size() for t in group.dst)
-        device = group.dst[0].device
-        if scratch.get(device) is None or scratch[device].numel() < size:
-            scratch[device] = torch.empty(size, dtype=torch.uint8, device=device)
-    with torch.no_grad():
-        for group in groups:
-            buffer = scratch[group.dst[0].device]
+
+    def __init__(self, first: Sequence[Tensor], second: Sequence[Tensor]) -> None:
+        _check_pairs(first, second, "second")
+        self._groups = _Pairs.group([t.detach() for t in first], [t.detach() for t in second])
+        self._scratch: dict[torch.device, Tensor] = {}
+        for group in self._groups:
+            size = max(t.numel() * t.element_size() for t in group.dst)
+            device = group.dst[0].device
+            if device not in self._scratch or self._scratch[device].numel() < size:
+                self._scratch[device] = torch.empty(size, dtype=torch.uint8, device=device)
+
+    @torch.no_grad()
+    def exchange(self) -> None:
+        """Exchange the values; a second call puts them back."""
+        for group in self._groups:
+            buffer = self._scratch[group.dst[0].device]
             itemsize = group.dst[0].element_size()
             capacity = buffer.numel() // itemsize
             start = 0
@@ -224,7 +305,13 @@ def swap_values(first: Sequence[Tensor], second: Sequence[Tensor]) -> None:
                 a, b = group.dst[start:end], group.src[start:end]
                 flat = buffer[: used * itemsize].view(a[0].dtype)
                 held = [v.view_as(t) for v, t in zip(torch.split(flat, [t.numel() for t in a]), a, strict=True)]
+                # Blocking copies: across devices, each has landed before the next reads its target.
                 torch._foreach_copy_(held, a)
                 torch._foreach_copy_(a, b)
                 torch._foreach_copy_(b, held)
                 start = end
+
+
+def swap_values(first: Sequence[Tensor], second: Sequence[Tensor]) -> None:
+    """Exchange the values of ``first[i]`` and ``second[i]`` in place, once (see :class:`ValueSwap`)."""
+    ValueSwap(first, second).exchange()

@@ -26,9 +26,11 @@ __all__ = [
     "RankAverage",
     "ShardSpec",
     "any_rank",
+    "collective_device",
     "fsdp_modules",
     "is_sharded",
     "local",
+    "rank",
     "reshard",
     "sharding_mismatch",
     "world_size",
@@ -40,11 +42,45 @@ def world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
+def rank() -> int:
+    """This process's rank in the default group, 0 without ``torch.distributed``."""
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def device_types_of(backend_config: str) -> set[str]:
+    """The device types a process group's backends reduce tensors on, from ``dist.get_backend_config()``:
+    ``"nccl"`` gives ``{"cuda"}``, ``"cpu:gloo,cuda:nccl"`` gives ``{"cpu", "cuda"}``."""
+    types: set[str] = set()
+    for entry in backend_config.lower().split(","):
+        device_type, _, backend = entry.strip().rpartition(":")
+        types.update([device_type] if device_type else dist.Backend.backend_capability.get(backend, ["cpu"]))
+    return types
+
+
+def collective_device(device: torch.device, backend_config: str | None = None) -> torch.device:
+    """``device`` if the default group can reduce tensors there, else a device it can: the current CUDA device
+    for NCCL (an EMA kept on the CPU beside an NCCL group), the CPU for a CPU-only backend.
+
+    Args:
+        device: where the tensors to reduce live.
+        backend_config: the group's backends, ``dist.get_backend_config()`` by default.
+    """
+    types = device_types_of(dist.get_backend_config() if backend_config is None else backend_config)
+    if device.type in types:
+        return device
+    if "cuda" in types:
+        return torch.device("cuda")  # the current device, as NCCL wants (each rank's set_device)
+    if "cpu" in types:
+        return torch.device("cpu")
+    raise RuntimeError(f"the process group reduces tensors on {sorted(types)} only, and the EMA is on {device}")
+
+
 def any_rank(flag: bool, device: torch.device) -> bool:
-    """Whether ``flag`` is true on at least one rank (one all-reduce of one number on ``device``)."""
+    """Whether ``flag`` is true on at least one rank (one all-reduce of one number, on ``device`` if the group
+    reduces there)."""
     if world_size() == 1:
         return flag
-    votes = torch.tensor([1.0 if flag else 0.0], device=device)
+    votes = torch.tensor([1.0 if flag else 0.0], device=collective_device(device))
     dist.all_reduce(votes, op=dist.ReduceOp.SUM)
     return bool(votes.item() > 0)
 
@@ -54,9 +90,10 @@ class RankAverage:
 
     The tensors are packed into one flat buffer per group, allocated at the
     first call, so an average is one copy in, one collective, one division and
-    one copy out per group, whatever the number of tensors. Every rank ends
-    with the same bits: the reduced sum is the same everywhere, and so is its
-    division.
+    one copy out per group, whatever the number of tensors. The buffer lives
+    where the group can reduce (:func:`collective_device`: on the GPU for the
+    CPU buffers of an EMA beside an NCCL group). Every rank ends with the same
+    bits: the reduced sum is the same everywhere, and so is its division.
 
     Args:
         tensors: the tensors averaged in place (floating ones).
@@ -72,7 +109,7 @@ class RankAverage:
         groups = []
         for (device, dtype), ((members,), _) in _group_tensors_by_device_and_dtype([list(self.tensors)]).items():
             tensors = [t for t in members if t is not None]
-            flat = torch.empty(sum(t.numel() for t in tensors), device=device, dtype=dtype)
+            flat = torch.empty(sum(t.numel() for t in tensors), device=collective_device(device), dtype=dtype)
             views = [
                 v.view_as(t) for v, t in zip(torch.split(flat, [t.numel() for t in tensors]), tensors, strict=True)
             ]
@@ -91,7 +128,7 @@ class RankAverage:
             torch._foreach_copy_(views, members)
             dist.all_reduce(flat, op=dist.ReduceOp.SUM)
             flat.div_(world)
-            torch._foreach_copy_(members, views)
+            torch._foreach_copy_(members, views)  # blocking: a copy off the device has landed when it returns
 
 
 # ----------------------------------------------------------------------------- sharded (DTensor) tensors
@@ -135,6 +172,12 @@ class ShardSpec:
     def full(self, shard: Tensor) -> Tensor:
         """The whole tensor, assembled from every rank's shard: a collective."""
         return self.dtensor(shard).full_tensor()
+
+    def full_on_cpu(self, shard: Tensor, *, keep: bool) -> Tensor | None:
+        """The whole tensor on the CPU if ``keep`` (else ``None``): a collective, after which the device holds no
+        whole copy. Call it on every rank, one tensor at a time, so that device memory peaks at one whole tensor."""
+        whole = self.full(shard)
+        return whole.cpu() if keep else None
 
     def shard_of(self, full: Tensor, device: torch.device) -> Tensor:
         """This rank's part of a whole tensor that every rank holds (no communication)."""

@@ -259,8 +259,9 @@ class EMAHandler(Serializable):
             engine: the trainer. A handler belongs to one engine: its counters
                 are that engine's iterations.
             name: attribute of ``engine.state`` that receives each update's
-                momentum (``None`` before the first update when the momentum
-                is not constant); give each handler on one engine its own name.
+                momentum (before the first update: the momentum if it is
+                constant, as Ignite publishes it, else 0.0, nothing applied);
+                give each handler on one engine its own name.
             warn_if_exists: warn if ``engine.state`` already has ``name``.
             event: when to update, e.g. ``Events.ITERATION_COMPLETED(every=4)``.
                 Warm-ups and half-life count iterations, not updates.
@@ -282,14 +283,12 @@ class EMAHandler(Serializable):
             self.momentum = momentum_from_half_life(self._schedule.half_life, 1)
         if self._skip_nonfinite:  # after load_state_dict, the restored count
             setattr(engine.state, f"{name}_skipped", self._num_skipped)
-        resumed_unrestored = self._clock.start_run(engine)
         if getattr(engine.state, name, None) is None:
-            # Before the first update, the momentum an update at the next iteration would use, so that loggers
-            # (TensorboardLogger, say) have a number from the first iteration on.
-            now = self._clock.now(engine)
-            last = now if resumed_unrestored else self._clock.last_update
-            setattr(engine.state, name, self._schedule(now + 1, last, self._num_averaged))
-        if resumed_unrestored:
+            # Before the first update the student has had no weight: 0.0, a number loggers (TensorboardLogger) can
+            # log from the first iteration on, and not a momentum that will not be applied (with every=k, the first
+            # update's depends on k).
+            setattr(engine.state, name, 0.0)
+        if self._clock.start_run(engine):
             self._clock.last_update = self._clock.now(engine)  # delta counted from where the run resumed
             self._warn_once(
                 "not_restored",
@@ -455,14 +454,17 @@ class EMAHandler(Serializable):
     def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
         """Everything the next update depends on: the EMA's tensors (float32 shadows included) and the counters.
 
-        Tensors are references, as in ``nn.Module.state_dict``.
+        Tensors are references, as in ``nn.Module.state_dict``; a sharded
+        student's are whole, on the CPU, on rank 0 only (see
+        :meth:`ignite_ema.ModelEMA.state_dict`).
         """
         return {**self._ema.state_dict(), **self._counters()}
 
-    def sharded_state_dict(self) -> dict[str, Any]:
+    def sharded_state_dict(self, *, copy: bool = False) -> dict[str, Any]:
         """:meth:`state_dict` with a sharded student's tensors as DTensors of this rank's shards, for
-        ``torch.distributed.checkpoint`` (see :meth:`ignite_ema.ModelEMA.sharded_state_dict`)."""
-        return {**self._counters(), **self._ema.sharded_state_dict()}
+        ``torch.distributed.checkpoint``; ``copy=True`` for a state that ``dcp.load`` fills (see
+        :meth:`ignite_ema.ModelEMA.sharded_state_dict`)."""
+        return {**self._counters(), **self._ema.sharded_state_dict(copy=copy)}
 
     def _counters(self) -> dict[str, int]:
         return {"num_averaged": self._num_averaged, "num_skipped": self._num_skipped, **self._clock.state_dict()}

@@ -28,7 +28,8 @@ tensor([[1., 1.]], requires_grad=True)
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+import itertools
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from copy import deepcopy
 from typing import Any
@@ -43,9 +44,9 @@ from ignite_ema.averaging import (
     FiniteCheck,
     ShadowAverager,
     TensorCopier,
+    ValueSwap,
     check_momentum,
     shadow_dtype_for,
-    swap_values,
 )
 from ignite_ema.distributed import (
     RankAverage,
@@ -54,6 +55,7 @@ from ignite_ema.distributed import (
     fsdp_modules,
     is_sharded,
     local,
+    rank,
     reshard,
     sharding_mismatch,
     world_size,
@@ -164,6 +166,8 @@ class ModelEMA:
         self._specs = {n: ShardSpec.of(t) for n, t in student.items() if is_sharded(t)}
         if self._specs and placed is not None:
             raise ValueError("device= is not supported for a sharded student: its EMA lives beside each shard")
+        if placed is not None:
+            placed = with_index(placed, next(iter(student.values())).device)
         if self._specs and ema_model is None and handle_buffers == "ema_train":
             raise ValueError(
                 "handle_buffers='ema_train' needs an EMA model that runs forward passes, and a sharded student cannot "
@@ -213,9 +217,7 @@ class ModelEMA:
             reshard(fsdp_modules(ema_model))
             _check_caller_ema_model(self.model, ema_model, student)
         elif not self._specs:
-            ema_model = deepcopy(self.model)
-            if placed is not None:
-                ema_model.to(placed)
+            ema_model = copy_module(self.model, placed)
         if ema_model is not None:
             for param in ema_model.parameters():
                 param.detach_()
@@ -335,7 +337,8 @@ class ModelEMA:
             if is_sharded(tensor) != (name in self._specs):
                 raise ValueError(
                     f"the student's tensor '{name}' was {'sharded' if name in self._specs else 'not sharded'} when "
-                    "the EMA was built and is not now: build the EMA after fully_shard()"
+                    f"the EMA was built and is {'not ' if name in self._specs else ''}now: build the EMA after "
+                    "fully_shard()"
                 )
             if tensor.device != device and self._follows_device:
                 raise ValueError(
@@ -502,8 +505,10 @@ class ModelEMA:
         student's. On exit, also by exception, both are back bit for bit. The
         extra memory is the largest tensor's, except for tensors whose EMA is
         in a wider dtype than the student (a float32 ``ema_model`` of a bf16
-        student): those are kept aside whole. Swaps do not nest, and
-        :meth:`update` and the state calls refuse to run inside one.
+        student): those are kept aside whole. All of it is allocated on entry
+        and kept to the end, so giving the student back allocates nothing.
+        Swaps do not nest, and :meth:`update` and the state calls refuse to run
+        inside one.
         """
         self._refuse_while_swapped("swapped")
         self.rebind()
@@ -511,8 +516,10 @@ class ModelEMA:
         same = [n for n in self._targets if student[n].dtype == self._targets[n].dtype]
         wider = [n for n in self._targets if student[n].dtype != self._targets[n].dtype]
         parked = [student[n].clone() for n in wider]
+        swap = ValueSwap([student[n] for n in same], [self._targets[n] for n in same])
         reshard(self._sharded_ema)
-        swap_values([student[n] for n in same], [self._targets[n] for n in same])
+        _wait_for_host_reads(student.values())
+        swap.exchange()
         with torch.no_grad():
             for name in wider:
                 student[name].copy_(self._targets[name])
@@ -522,7 +529,8 @@ class ModelEMA:
         finally:
             # Forwards inside gathered the EMA's values; the student's next forward must gather its own.
             reshard([*self._sharded_student, *self._sharded_ema])
-            swap_values([student[n] for n in same], [self._targets[n] for n in same])
+            _wait_for_host_reads(student.values())
+            swap.exchange()
             with torch.no_grad():
                 for name, kept in zip(wider, parked, strict=True):
                     student[name].copy_(kept)
@@ -547,28 +555,48 @@ class ModelEMA:
         """The mode and every tensor of the EMA, by name: averaged ones in their shadow dtype (float32 for bf16).
 
         Tensors are references, as in ``nn.Module.state_dict``, except sharded
-        ones, which are assembled whole (a collective: call it on every rank,
-        as Ignite's ``Checkpoint`` does) so that any process can load them.
+        ones, which are assembled whole so that any process can load them: a
+        collective (call it on every rank, as Ignite's ``Checkpoint`` does),
+        one tensor at a time, each moved to the CPU at once and kept on rank 0
+        only, which writes the checkpoint; the other ranks' states leave them
+        out (torch's ``full_state_dict`` with ``cpu_offload`` does the same).
+        Device memory peaks at one whole tensor.
         """
         self._refuse_while_swapped("state_dict")
-        tensors = {n: self._specs[n].full(t) if n in self._specs else t for n, t in self._state.items()}
+        tensors = {}
+        writes = rank() == 0
+        for name, tensor in self._state.items():
+            if name not in self._specs:
+                tensors[name] = tensor
+            elif (whole := self._specs[name].full_on_cpu(tensor, keep=writes)) is not None:
+                tensors[name] = whole
         return {"handle_buffers": self.handle_buffers, "tensors": tensors}
 
-    def sharded_state_dict(self) -> dict[str, Any]:
-        """:meth:`state_dict` with sharded tensors as DTensors over copies of this rank's shards: for
-        ``torch.distributed.checkpoint``, where each rank writes and reads its own shards."""
+    def sharded_state_dict(self, *, copy: bool = False) -> dict[str, Any]:
+        """:meth:`state_dict` with sharded tensors as DTensors over this rank's shards: for
+        ``torch.distributed.checkpoint``, where each rank writes and reads its own shards.
+
+        Args:
+            copy: give copies rather than views of the EMA's tensors: a state
+                for ``dcp.load`` to fill before :meth:`load_state_dict` checks it
+                (all or nothing). Saving only reads, so views serve it.
+        """
         self._refuse_while_swapped("sharded_state_dict")
-        tensors = {
-            n: self._specs[n].dtensor(t.clone()) if n in self._specs else t.clone() for n, t in self._state.items()
-        }
+        tensors = {}
+        for name, tensor in self._state.items():
+            held = tensor.clone() if copy else tensor
+            tensors[name] = self._specs[name].dtensor(held) if name in self._specs else held
         return {"handle_buffers": self.handle_buffers, "tensors": tensors}
 
     def model_state_dict(self) -> dict[str, Tensor]:
         """The EMA's weights and buffers as the model's own ``state_dict()``: whole tensors in the student's dtypes.
 
         ``unsharded_model.load_state_dict(ema.model_state_dict())`` gives a
-        plain module with the EMA weights, also from a sharded student (a
-        collective then: call it on every rank).
+        plain module with the EMA weights. Tensors kept in the student's dtype
+        are references, as in ``nn.Module.state_dict``; the others are
+        converted copies. From a sharded student, whole tensors are assembled
+        one at a time (a collective: call it on every rank) and moved to the
+        CPU, on every rank.
         """
         self._refuse_while_swapped("model_state_dict")
         canonical = {id(t): n for n, t in named_tensors(self.model).items()}
@@ -576,8 +604,9 @@ class ModelEMA:
         for key, tensor in self.model.state_dict(keep_vars=True).items():
             name = canonical[id(tensor)]  # tied weights appear under each of their names
             value = self._state[name]
-            whole = self._specs[name].full(value) if name in self._specs else value
-            exported[key] = whole.to(dtype=self._student_kinds[name][0], copy=True)
+            if name in self._specs:
+                value = self._specs[name].full_on_cpu(value, keep=True)  # type: ignore[assignment]
+            exported[key] = value.to(dtype=self._student_kinds[name][0])  # no copy when the dtype is the student's
         return exported
 
     def check_state_dict(self, state_dict: Mapping[str, Any]) -> None:
@@ -600,6 +629,8 @@ class ModelEMA:
             hint="was it saved from another model? Load a state saved by an EMA of the same model",
         )
         for name, tensor in saved.items():
+            if tensor.is_meta:
+                raise ValueError(f"saved tensor '{name}' is on the meta device: it has no values to load")
             if tensor.dtype != self._state[name].dtype:
                 raise ValueError(
                     f"saved tensor '{name}' is {tensor.dtype}, the EMA keeps it as {self._state[name].dtype}"
@@ -625,6 +656,45 @@ class ModelEMA:
                 else:
                     target.copy_(tensor)
         self._after_write()
+
+
+def with_index(requested: torch.device, student: torch.device) -> torch.device:
+    """``requested`` with a device index: the student's where both are of one type (``"cuda"`` for a student on
+    ``cuda:3`` is ``cuda:3``, on every rank of a job that never called ``set_device``), else the current one."""
+    if requested.index is not None or requested.type == "cpu":
+        return requested
+    if student.type == requested.type and student.index is not None:
+        return student
+    module = getattr(torch, requested.type, None)
+    current = getattr(module, "current_device", None)
+    return torch.device(requested.type, current()) if callable(current) else requested
+
+
+def copy_module(model: nn.Module, device: torch.device | None) -> nn.Module:
+    """A deep copy of ``model``; with ``device``, its tensors are copied straight there.
+
+    ``deepcopy`` then ``.to(device)`` would first copy every tensor on the
+    student's device: a whole extra model of GPU memory for an EMA kept on the
+    CPU because the model barely fits. Here each parameter and buffer is copied
+    once, to ``device``, and ``deepcopy`` reuses these copies (its memo) while it
+    copies the rest of the module; tied tensors stay tied.
+    """
+    if device is None:
+        return deepcopy(model)
+    memo: dict[int, Any] = {}
+    for tensor in itertools.chain(model.parameters(), model.buffers()):
+        if id(tensor) not in memo:
+            copied = tensor.detach().to(device, copy=True)
+            is_param = isinstance(tensor, nn.Parameter)
+            memo[id(tensor)] = nn.Parameter(copied, requires_grad=tensor.requires_grad) if is_param else copied
+    return deepcopy(model, memo)
+
+
+def _wait_for_host_reads(tensors: Iterable[Tensor]) -> None:
+    """Before writing pinned host tensors (an FSDP2 student offloaded to the CPU), wait for the device copies that
+    may still be reading them: a host-to-device copy from pinned memory runs after the call that queued it."""
+    if torch.cuda.is_initialized() and any(t.device.type == "cpu" and t.is_pinned() for t in tensors):  # type: ignore[no-untyped-call]
+        torch.cuda.synchronize()
 
 
 def _is_averaged(is_param: bool, tensor: Tensor, mode: str) -> bool:

@@ -9,12 +9,14 @@ references: an EMA computed here by a plain loop from the gathered student
 from __future__ import annotations
 
 import shutil
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import ignite.distributed as idist
 import pytest
 import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint, DiskSaver
@@ -26,7 +28,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_optimizer_state_dict,
 )
-from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, Shard
 
@@ -151,7 +153,7 @@ def _averaging_worker(mixed: bool) -> dict[str, Any]:
         "own_after": own_after,
         "swapped_in": swapped_in,
         "export": handler.model_state_dict(),
-        "ema_model": handler.ema_model,
+        "has_ema_model": handler.has_ema_model,
         "elements": (shard_elements, ema_elements),
     }
 
@@ -223,7 +225,8 @@ def _teacher_worker() -> dict[str, Any]:
     with low_ema.swapped():
         inside = low.weight.full_tensor().clone()
     results["bf16"] = {
-        "ema": low_ema.state_dict()["tensors"]["weight"],
+        "ema": low_ema.state_dict()["tensors"].get("weight"),  # rank 0 only
+        "shard": low_ema.sharded_state_dict()["tensors"]["weight"].full_tensor(),
         "inside": inside,
         "after": low.weight.full_tensor(),
     }
@@ -316,6 +319,51 @@ def _resume_worker(phase: str, workdir: Path) -> dict[str, Any]:
     return {"start": start, "ema": handler.state_dict(), "momentum": trainer.state.ema_momentum}
 
 
+def _local_load_and_rebind_worker() -> dict[str, Any]:
+    """Whole tensors loaded by one rank alone (no collective); rebind() after the student was (un)sharded."""
+    # The model's mesh gets a group of its own with a short timeout: a load that communicated would wait for the
+    # rank that does not load, and fail here within the timeout instead of hanging the test.
+    group = dist.new_group(backend="gloo", timeout=timedelta(seconds=20))
+    mesh = DeviceMesh.from_group(group, "cpu")
+    torch.manual_seed(0)
+    model = _shard(Net(), mesh=mesh)
+    ema = ModelEMA(model, "update")
+    state = [ema.state_dict()]  # whole tensors: a collective, on every rank, kept by rank 0 (it writes)
+    dist.broadcast_object_list(state)  # what every rank reads back from rank 0's checkpoint
+    wanted = {n: t + 1 for n, t in state[0]["tensors"].items()}  # the EMA of another run, say
+    errors: dict[str, str] = {}
+    for loader in range(idist.get_world_size()):  # each rank loads alone while the others wait outside
+        if idist.get_rank() == loader:
+            try:
+                ema.load_state_dict({**state[0], "tensors": wanted})
+            except RuntimeError as error:  # a timed-out collective
+                errors["load"] = str(error)
+        idist.barrier()  # on the default group
+    failed = torch.tensor([float(bool(errors))])
+    dist.all_reduce(failed)  # on the default group: after a timeout, the mesh's group is not used again
+    sharded = ema.sharded_state_dict()["tensors"]
+    loaded = (
+        None if failed.item() else {n: t.full_tensor() if isinstance(t, DTensor) else t for n, t in sharded.items()}
+    )
+
+    # rebind() on the default group's mesh. The reverse of sharding: a parameter replaced by a whole one.
+    model = _build()
+    ema = ModelEMA(model)
+    model.head.weight = nn.Parameter(torch.zeros(2, 5))
+    try:
+        ema.rebind()
+    except ValueError as error:
+        errors["unsharded later"] = str(error)
+    later = nn.Linear(4, 4)
+    later_ema = ModelEMA(later)
+    fully_shard(later, mesh=init_device_mesh("cpu", (idist.get_world_size(),)))
+    try:
+        later_ema.rebind()
+    except ValueError as error:
+        errors["sharded later"] = str(error)
+    return {"wanted": wanted, "loaded": loaded, "errors": errors}
+
+
 # ----------------------------------------------------------------------------- tests
 
 
@@ -330,7 +378,7 @@ def test_the_sharded_ema_is_the_plain_loop_ema_of_the_gathered_student_bit_for_b
 ) -> None:
     mixed, ranks = averaging
     for rank in ranks:
-        assert rank["ema_model"] is None  # a sharded module cannot be deep-copied: shards only
+        assert not rank["has_ema_model"]  # a sharded module cannot be deep-copied: shards only
         reference = {n: t.clone() for n, t in rank["initial"].items()}
         for iteration, seen in enumerate(rank["seen"], start=1):
             if iteration % 2 == 0:  # updates every 2 iterations: delta 2, half-life 3
@@ -341,7 +389,7 @@ def test_the_sharded_ema_is_the_plain_loop_ema_of_the_gathered_student_bit_for_b
                     else:
                         reference[name] = tensor.clone()
             for name, tensor in reference.items():
-                if name != "b.weight":  # tied to a.weight: one tensor, averaged once
+                if name != "b.weight" and name in seen["ema"]:  # b.weight is tied to a.weight: averaged once
                     assert torch.equal(seen["ema"][name], tensor), (iteration, name)
         assert "b.weight" not in rank["seen"][-1]["ema"]
         # Each rank keeps the EMA of its own shards only: the same number of elements as its shards.
@@ -351,10 +399,12 @@ def test_the_sharded_ema_is_the_plain_loop_ema_of_the_gathered_student_bit_for_b
         plain.load_state_dict(rank["export"])
         for name, tensor in reference.items():
             assert torch.equal(plain.state_dict()[name], tensor), name
-    # Uneven shards: 5 rows of embed.weight split 3 + 2; both ranks see the same whole EMA.
-    for name, tensor in ranks[0]["seen"][-1]["ema"].items():
-        if "bn." not in name:  # statistics are each rank's own (no sync_buffers here)
-            assert torch.equal(tensor, ranks[1]["seen"][-1]["ema"][name]), name
+    # state_dict(): sharded tensors whole, on the CPU, on rank 0 alone (it writes checkpoints); rank 1's state has
+    # the unsharded ones (BatchNorm statistics) only. Uneven shards: 5 rows of embed.weight split 3 + 2.
+    whole, others = ranks[0]["seen"][-1]["ema"], ranks[1]["seen"][-1]["ema"]
+    assert set(whole) == {n for n in ranks[0]["initial"] if n != "b.weight"}
+    assert all(t.device.type == "cpu" for t in whole.values())
+    assert set(others) == {"bn.running_mean", "bn.running_var", "bn.num_batches_tracked"} & set(whole)
 
 
 def test_inside_a_swap_the_sharded_student_runs_with_the_ema_and_after_it_is_itself(
@@ -362,7 +412,7 @@ def test_inside_a_swap_the_sharded_student_runs_with_the_ema_and_after_it_is_its
 ) -> None:
     mixed, ranks = averaging
     for rank in ranks:
-        ema = rank["seen"][-1]["ema"]
+        ema = {**ranks[0]["seen"][-1]["ema"], **rank["seen"][-1]["ema"]}  # whole tensors from rank 0; own statistics
         for name, tensor in rank["swapped_in"].items():
             assert torch.equal(tensor, ema["a.weight" if name == "b.weight" else name]), name
         plain = Net(bn=not mixed)
@@ -415,10 +465,14 @@ def test_a_sharded_teacher_keeps_statistics_of_its_own_and_ranks_agree_on_skips_
         for name, tensor in history[1].items():
             assert torch.equal(history[2][name], tensor), name
     for a, b in zip(ranks[0]["synced"]["history"], ranks[1]["synced"]["history"], strict=True):
-        for name, tensor in a.items():  # sync_buffers on a shards-only EMA: statistics agree too
-            assert torch.equal(tensor, b[name]), name
+        assert b  # rank 1's state: its unsharded tensors (the statistics), which sync_buffers makes rank 0's too
+        for name, tensor in b.items():
+            assert torch.equal(tensor, a[name]), name
+    assert ranks[1]["bf16"]["ema"] is None
     for rank in ranks:
         low = rank["bf16"]
+        if low["ema"] is None:
+            low["ema"] = low["shard"]
         assert low["ema"].dtype == torch.float32
         torch.testing.assert_close(low["ema"], torch.full((4, 4), 1 - 0.999**5), rtol=1e-6, atol=0)
         assert torch.equal(low["inside"], low["ema"].to(torch.bfloat16))
@@ -432,6 +486,17 @@ def test_a_sharded_teacher_keeps_statistics_of_its_own_and_ranks_agree_on_skips_
     assert "the student's mesh is" in errors["other mesh"]
     assert "pass ema_model=fully_shard(" in errors["ema_train"]
     assert "device= is not supported for a sharded student" in errors["device"]
+
+
+def test_whole_tensors_load_on_one_rank_alone_and_rebind_refuses_a_student_sharded_otherwise() -> None:
+    for rank in run_on_processes(2, _local_load_and_rebind_worker):
+        errors = rank["errors"]
+        assert "load" not in errors, errors["load"]
+        for name, tensor in rank["wanted"].items():  # each rank's shards cut from the whole tensors, gathered back
+            assert torch.equal(rank["loaded"][name], tensor), name
+        assert "the student's tensor 'head.weight' was sharded when the EMA was built" in errors["unsharded later"]
+        assert "the student's tensor 'weight' was not sharded when the EMA was built" in errors["sharded later"]
+        assert "build the EMA after fully_shard()" in errors["sharded later"]
 
 
 def test_resume_through_ignites_checkpoint_and_through_dcp_in_fresh_processes_is_bit_identical(tmp_path: Path) -> None:

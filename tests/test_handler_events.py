@@ -5,6 +5,7 @@ Expected momenta and averages are closed forms or plain loops written here.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import io
 import warnings
@@ -18,7 +19,7 @@ from ignite.handlers import Checkpoint
 from ignite.metrics import Loss
 from torch import nn
 
-from ignite_ema import EMAHandler
+from ignite_ema import EMAHandler, ModelEMA
 from tests.helpers import BNNet, adding_step, image_batches, linear, no_warnings
 
 
@@ -55,14 +56,15 @@ def test_a_failed_attach_changes_nothing_and_a_retry_registers_once() -> None:
     assert handler.state_dict()["num_averaged"] == 2
 
 
-def test_the_momentum_published_before_the_first_update_is_one_that_will_be_applied() -> None:
-    # With every=3 the first update comes at iteration 3, with delta = 3: nothing is applied at 1 and 2.
+def test_the_momentum_published_before_the_first_update_is_zero_not_one_never_applied() -> None:
+    # With every=3 the first update comes at iteration 3, with delta = 3: nothing is applied at 1 and 2, which
+    # publish 0.0 (a number for loggers), not the 1-iteration momentum that no update uses.
     handler = EMAHandler(linear(), half_life=6)
     trainer = Engine(lambda e, b: None)
     handler.attach(trainer, event=Events.ITERATION_COMPLETED(every=3))
     seen = _momenta(trainer)
     trainer.run(range(6), max_epochs=1)
-    assert seen[1] is None and seen[2] is None
+    assert seen[1] == 0.0 and seen[2] == 0.0
     assert seen[3] == pytest.approx(1 - 0.5 ** (3 / 6)) and seen[6] == pytest.approx(1 - 0.5 ** (3 / 6))
     constant = EMAHandler(linear(), momentum=0.25)
     other = Engine(lambda e, b: None)
@@ -155,6 +157,44 @@ def test_a_bf16_ema_model_restored_by_ignites_checkpoint_pattern_is_what_the_nex
     assert torch.equal(handler.ema_model.weight, torch.full((1, 2), 1.5, dtype=torch.bfloat16))  # 0.5 * 3 + 0.5 * 0
 
 
+def test_a_write_through_data_into_a_bf16_ema_model_between_runs_is_where_the_next_run_goes_on_from() -> None:
+    # A write through .data leaves the version counter alone: only the comparison at the run's start sees it.
+    model = linear(0.0, torch.bfloat16)
+    handler = EMAHandler(model, momentum=0.5)
+    nn.init.constant_(model.weight, 1.0)
+    trainer = Engine(lambda e, b: None)
+    handler.attach(trainer)
+    trainer.run(range(1), max_epochs=1)
+    assert torch.equal(handler.ema_model.weight, torch.full((1, 2), 0.5, dtype=torch.bfloat16))
+    handler.ema_model.weight.data[...] = 3.0
+    with pytest.warns(UserWarning, match="'weight' .* written from outside the EMA"):
+        trainer.run(range(2), max_epochs=1)
+    # 3 -> 0.5 * 3 + 0.5 * 1 = 2 -> 1.5; from the float32 shadow's 0.5 instead it would be 0.75 -> 0.875
+    assert torch.equal(handler.ema_model.weight, torch.full((1, 2), 1.5, dtype=torch.bfloat16))
+    assert torch.equal(handler.state_dict()["tensors"]["weight"], torch.full((1, 2), 1.5))
+
+
+def test_a_trainer_rolled_back_to_an_earlier_iteration_goes_on_one_iteration_after_the_last_update() -> None:
+    model = linear(0.0)
+    handler = EMAHandler(model, half_life=10)
+    nn.init.constant_(model.weight, 1.0)
+    trainer = Engine(lambda e, b: None)
+    handler.attach(trainer)
+    seen = _momenta(trainer)
+    trainer.run(range(10), max_epochs=1)
+    trainer.load_state_dict({"iteration": 5, "epoch_length": 10, "max_epochs": 1})  # an older trainer checkpoint
+    with no_warnings():
+        trainer.run(range(10), max_epochs=1)  # iterations 6 to 10 again
+    # The handler's clock goes on from its last update (10): iteration 6 is one iteration later, delta 1
+    # (1 - 0.5 ** 0.1 = 0.067), not the delta 6 of an offset that forgets the engine's iteration (0.340).
+    assert seen[6] == pytest.approx(1 - 0.5 ** (1 / 10), rel=1e-12)
+    assert all(seen[i] == pytest.approx(1 - 0.5 ** (1 / 10), rel=1e-12) for i in range(6, 11))
+    # 15 updates of delta 1 on a student that is 1 throughout
+    torch.testing.assert_close(handler.ema_model.weight, torch.full((1, 2), 1 - 0.5 ** (15 / 10)), rtol=1e-6, atol=0)
+    state = handler.state_dict()
+    assert (state["num_averaged"], state["last_update_iteration"], state["iteration_offset"]) == (15, 15, 5)
+
+
 # ----------------------------------------------------------------------------- warm-ups and options
 
 
@@ -167,6 +207,20 @@ def test_power_warmup_on_an_engine_gives_timms_decays() -> None:
     seen = _momenta(trainer)
     trainer.run(range(5), max_epochs=1)
     assert list(seen.values()) == pytest.approx([1.0, 1.5**-0.5, 2.0**-0.5, 2.5**-0.5, 3.0**-0.5], rel=1e-12)
+
+
+def test_power_warmup_counts_averaging_updates_not_iterations() -> None:
+    # Updates every 3 iterations, the first (iteration 3) a copy: the averaging updates at 6, 9, 12 are the 1st,
+    # 2nd and 3rd, so the ramp gives 1/2, 1/3, 1/4 (counting iterations since the start would give 1/4, 1/7, 1/10).
+    model = linear(0.0)
+    handler = EMAHandler(model, momentum=0.01, mean_teacher_warmup=True, start_iteration=3)
+    trainer = Engine(adding_step(model))  # the student is i at iteration i
+    handler.attach(trainer, event=Events.ITERATION_COMPLETED(every=3))
+    seen = _momenta(trainer)
+    trainer.run(range(12), max_epochs=1)
+    assert [seen[i] for i in (3, 6, 9, 12)] == pytest.approx([1.0, 1 / 2, 1 / 3, 1 / 4], rel=1e-12)
+    # the ramp's EMA is the plain average of the students it has seen: (3 + 6 + 9 + 12) / 4
+    torch.testing.assert_close(handler.ema_model.weight, torch.full((1, 2), 7.5))
 
 
 @pytest.mark.parametrize(
@@ -248,6 +302,24 @@ def test_an_ema_train_teacher_behind_a_custom_event_gets_no_false_warning() -> N
     handler.attach(trainer)
     with no_warnings():
         trainer.run(image_batches(3), max_epochs=1)
+
+
+def test_an_ema_train_teacher_that_stops_running_after_the_first_iteration_is_warned_about() -> None:
+    # A consistency term switched off after iteration 1: from then on the teacher's statistics do not move.
+    model = BNNet()
+    handler = EMAHandler(model, momentum=0.5, handle_buffers="ema_train")
+
+    def step(engine: Engine, batch: torch.Tensor) -> None:
+        model(batch)
+        if engine.state.iteration == 1:
+            with torch.no_grad():
+                handler.ema_model(batch)
+
+    trainer = Engine(step)
+    handler.attach(trainer)
+    with pytest.warns(UserWarning, match="it ran none during training iterations since the last update") as record:
+        trainer.run(image_batches(3), max_epochs=1)
+    assert len(record) == 1 and record[0].filename == __file__
 
 
 def test_an_evaluator_on_iteration_completed_attached_before_the_handler_is_no_teacher() -> None:
@@ -367,12 +439,18 @@ def test_a_terminated_evaluator_gives_the_student_back() -> None:
     model, handler, trainer = _trained()
     trainer.run(image_batches(2), max_epochs=1)
     own = {k: v.clone() for k, v in model.state_dict().items()}
-    inside: list[bool] = []
-    evaluator = Engine(lambda e, b: inside.append(torch.equal(model.head.weight, handler.ema_model.head.weight)))
+    ema = {k: v.clone() for k, v in handler.ema_model.state_dict().items()}  # taken before any swap
+    assert not torch.equal(own["head.weight"], ema["head.weight"])  # so that a swap shows
+
+    def holds(module: nn.Module, values: dict[str, torch.Tensor]) -> bool:
+        return all(torch.equal(module.state_dict()[k], v) for k, v in values.items())
+
+    inside: list[tuple[bool, bool]] = []
+    evaluator = Engine(lambda e, b: inside.append((holds(model, ema), holds(handler.ema_model, own))))
     handler.swap_during(evaluator)
     evaluator.add_event_handler(Events.ITERATION_COMPLETED(once=2), lambda e: e.terminate())
     evaluator.run(range(5))
-    assert inside == [False, False]  # inside, the EMA model holds the student's values and vice versa
+    assert inside == [(True, True)] * 2  # inside, the student holds the EMA's values and the EMA model the student's
     for name, tensor in own.items():
         assert torch.equal(model.state_dict()[name], tensor), name
 
@@ -383,14 +461,45 @@ def test_handler_swapped_and_a_caller_built_ema_model() -> None:
     mine = BNNet()
     handler = EMAHandler(model, momentum=0.5, ema_model=mine, handle_buffers="ema_train")
     assert handler.ema_model is mine
-    with handler.swapped():
-        for name, tensor in mine.state_dict().items():
-            assert torch.equal(model.state_dict()[name], tensor), name
+    initial = {k: v.clone() for k, v in model.state_dict().items()}  # mine holds copies of these now
+    trainer = Engine(adding_step(model))
+    handler.attach(trainer)
+    with pytest.warns(UserWarning, match="ran none during training iterations"):  # no teacher forward here
+        trainer.run(range(1), max_epochs=1)
+    # One update at momentum 0.5 after the student's parameters grew by 1: the EMA's are the initial ones + 0.5.
+    # Buffers are the EMA model's own in "ema_train" and nothing ran forward: both keep the initial ones.
+    params = {n for n, _ in model.named_parameters()}
+    ema = {k: v + 0.5 if k in params else v for k, v in initial.items()}
+    student = {k: v + 1.0 if k in params else v for k, v in initial.items()}
+    for inside in (True, False):
+        with handler.swapped() if inside else contextlib.nullcontext():
+            here, there = (ema, student) if inside else (student, ema)
+            for name in initial:
+                torch.testing.assert_close(model.state_dict()[name], here[name], rtol=1e-6, atol=1e-6)
+                torch.testing.assert_close(mine.state_dict()[name], there[name], rtol=1e-6, atol=1e-6)
 
 
 def test_swap_during_needs_an_engine() -> None:
     with pytest.raises(TypeError, match="swap_during expects an ignite Engine; found Enum"):
         EMAHandler(linear()).swap_during(Enum("E", "A"))  # type: ignore[arg-type]
+
+
+# ----------------------------------------------------------------------------- devices
+
+
+def test_an_ema_placed_with_device_follows_its_student_to_another_device_and_one_built_beside_it_refuses() -> None:
+    # The meta device stands for a second device (the GPU that the student trains on); rebind() is what
+    # EMAHandler calls when a run starts. No update runs here: nothing can be read from meta tensors.
+    placed_student = linear(1.0)
+    placed = ModelEMA(placed_student, device="cpu")  # the documented way to keep the EMA elsewhere
+    placed_student.to("meta")
+    placed.rebind()
+    assert placed.ema_model is not None and placed.ema_model.weight.device == torch.device("cpu")
+    beside_student = linear(1.0)
+    beside = ModelEMA(beside_student)
+    beside_student.to("meta")
+    with pytest.raises(ValueError, match="the student's tensor 'weight' moved from cpu to meta after the EMA was"):
+        beside.rebind()
 
 
 def test_warnings_are_not_repeated_by_a_second_evaluator_run() -> None:
