@@ -1,3 +1,3 @@
 from examples.sed_f1.cli import main
 
-main()
+raise SystemExit(main())

@@ -8,10 +8,12 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from examples.sed_f1.compare import Job, run_jobs
+from examples.sed_f1.compare import Job, fresh_log_dir, run_jobs
 from examples.sed_f1.data import NPZ_LAYOUT
 from examples.sed_f1.experiment import ALL_SCORES, OPTIMIZERS, RUNS, RunResult, TrainConfig
 from examples.sed_f1.report import (
+    NOT_APPLICABLE,
+    failed,
     markdown_table,
     norm_ratio_lines,
     plot_curves,
@@ -23,19 +25,22 @@ from examples.sed_f1.study import plot_study, study_configs, study_jobs, study_t
 DESCRIPTION = """\
 Mean-teacher sound event detection on synthetic 16-kHz clips through a log-mel front end (or your own features
 with --data): a CRNN student, and its EMA teacher kept by Ignite's EMAHandler ("ignite-copy", the behaviour of
-the original report) or by ignite_ema in each buffer mode. Prints a table of F1 and PSDS (mean ± std over seeds),
-teacher and student side by side, and the verdict, and writes results.json, results.md, f1_curves.png and
-TensorBoard logs to --out. --study convergence trains copy and ema_train teachers with Adam and with AdamW and
-writes convergence.json, convergence.md and convergence.png."""
+the original report) or by ignite_ema in each buffer mode ("copy", "update", "ema_train"). Prints a table of F1
+and PSDS (mean ± std over seeds), teacher and student side by side, and the verdict, and writes results.json,
+results.md, f1_curves.png and TensorBoard logs (in a new tensorboard/<start time> folder per job) to --out. Exits
+with status 1 when a check of the verdict fails. --study convergence trains copy and ema_train teachers with Adam
+and with AdamW and writes convergence.json, convergence.md and convergence.png."""
 
-#: The default job: the report's teacher against the fix, trained until the curves plateau (see docs/sed_f1.md).
-DEFAULT_RUNS = ("ignite-copy", "ema_train")
+#: The default job: the report's teacher and our three buffer modes, trained until the curves plateau (see
+#: docs/sed_f1.md).
+DEFAULT_RUNS = ("ignite-copy", "copy", "update", "ema_train")
 DEFAULT = TrainConfig(
     iterations=2000, eval_every=250, optimizer="adamw", lr_decay_start=0.5, weight_decay=0.1, ema_decay=0.998
 )
 QUICK = dataclasses.replace(DEFAULT, iterations=200, eval_every=100)
 STUDY_SEEDS = 2  # the study: both optimisers, everything else as the default job
 DEFAULT_SEEDS = 2  # what 10 minutes on two cores allow (see docs/sed_f1.md)
+QUICK_DIR = "quick"  # a --quick run's outputs go to this subfolder of the default folder, apart from the full job's
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -68,11 +73,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "runs then go one at a time and --workers is not used (default 1)",
     )
     parser.add_argument("--out", type=Path, default=None, help="output folder (default runs/sed_f1, the study's "
-                        "runs/sed_f1_convergence)")  # fmt: skip
+                        f"runs/sed_f1_convergence; with --quick their {QUICK_DIR}/ subfolder)")  # fmt: skip
     parser.add_argument("--data", type=Path, default=None, help="a folder of .npz features instead of synthetic data")
     parser.add_argument("--runs", nargs="+", choices=list(RUNS), default=None, help="runs to compare (default: "
                         f"{' '.join(DEFAULT_RUNS)}; not with --study)")  # fmt: skip
-    parser.add_argument("--quick", action="store_true", help="a smoke run: 1 seed, 200 iterations, smaller data")
+    parser.add_argument("--quick", action="store_true", help="a smoke run: 1 seed, 200 iterations, smaller data; "
+                        "the checks it is too short for are reported as n/a")  # fmt: skip
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     if (args.seeds is not None and args.seeds < 1) or args.workers < 1 or args.nproc < 1:
@@ -116,74 +122,97 @@ def _describe(config: TrainConfig) -> str:
     )
 
 
-def main(argv: Sequence[str] | None = None) -> list[RunResult]:
+def _out(args: argparse.Namespace, default: str) -> Path:
+    """--out, else ``default`` (its ``quick/`` subfolder for --quick, so a smoke run never overwrites a full job)."""
+    if args.out is not None:
+        return Path(args.out)
+    return Path(default) / QUICK_DIR if args.quick else Path(default)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the comparison (or the study) and print what it shows; returns the exit status: 1 if a check failed."""
     args = parse_args(argv)
     start = time.perf_counter()
     config = _config(args)
     source = f"features in {args.data}" if args.data else "synthetic data"
     how = f"{args.nproc} processes per run" if args.nproc > 1 else f"{args.workers} workers"
     if args.study:
-        return _study(args, config, source, how, start)
+        _study(args, config, source, how, start)
+        return 0
 
     seeds = 1 if args.quick else (args.seeds or DEFAULT_SEEDS)
     names = args.runs or list(DEFAULT_RUNS)
-    out = args.out or Path("runs/sed_f1")
+    out = _out(args, "runs/sed_f1")
     out.mkdir(parents=True, exist_ok=True)
-    print(f"{len(names)} runs x {seeds} seeds on {source}, {how}: {_describe(config)}")
+    logs = fresh_log_dir(out)
+    size = f"{len(names)} runs x {seeds} seed{'s' if seeds > 1 else ''}"
+    print(f"{size} on {source}, {how}: {_describe(config)}")
     jobs = [Job(name, seed, config, f"{name}-seed{seed}") for seed in range(seeds) for name in names]
     results = run_jobs(
-        jobs, out, args.workers, args.data, quick=args.quick, show_progress=not args.no_progress, nproc=args.nproc
+        jobs, out, logs, args.workers, args.data, args.quick, show_progress=not args.no_progress, nproc=args.nproc
     )
     plot_curves(results, out / "f1_curves.png")
 
     table = markdown_table(results)
-    checks = verdict(results)
+    checks = verdict(results, quick=args.quick)
+    failures = failed(checks)
+    outcome = f"{len(failures)} check(s) FAILED: exit status 1" if failures else "No check failed: exit status 0"
+    if args.quick:
+        outcome += (
+            f". A --quick run is a smoke test, too short to plateau or for a teacher to catch up with its student: "
+            f"those checks are '{NOT_APPLICABLE}', the full job makes them"
+        )
     norms = "\n".join(f"- {line}" for line in norm_ratio_lines(results))
     norm_note = f"Teacher / student conv weight norm, per conv layer, at the end (mean over seeds):\n\n{norms}\n"
-    heading = f"{len(names)} runs x {seeds} seeds, {_describe(config)}, {source}."
+    heading = f"{size}, {_describe(config)}, {source}."
+    spread = f"mean ± std over {seeds} seeds" if seeds > 1 else "one seed (no spread)"
     what = (
         "F1 and PSDS in % on the test set (frame scores median-filtered; F1 at threshold 0.5, PSDS over 50 "
-        f"thresholds), mean ± std over {seeds} seed(s)"
+        f"thresholds), {spread}"
     )
     minutes = (time.perf_counter() - start) / 60  # everything but writing two text files
-    write_json(results, out / "results.json", {"config": dataclasses.asdict(config), "minutes": minutes})
+    extra = {"config": dataclasses.asdict(config), "minutes": minutes, "tensorboard": str(logs.relative_to(out))}
+    write_json(results, out / "results.json", extra)
     (out / "results.md").write_text(
         f"# SED comparison\n\n{heading}\n{what}.\n\n{markdown_table(results, scores=ALL_SCORES)}\n\n"
-        + "\n".join(f"- {line}" for line in checks)
-        + f"\n\n{norm_note}\nDone in {minutes:.1f} min.\n"
+        + "\n".join(f"- {check}" for check in checks)
+        + f"\n\n{outcome}.\n\n{norm_note}\nDone in {minutes:.1f} min.\n"
     )
 
     print(f"\n{what}:\n\n{table}\n")
-    print("\n".join(checks))
+    print("\n".join(str(check) for check in checks))
+    print(f"\n{outcome}.")
     print(f"\n{norm_note}", end="")
     print(
         "\nThe teachers of 'ignite-copy', 'copy' and 'update' run in eval mode on statistics borrowed from the "
         f"student; 'ema_train' keeps its own.\nDone in {minutes:.1f} min (wall time, data included). Wrote "
-        f"results.json, results.md, f1_curves.png and tensorboard/ to {out}"
+        f"results.json, results.md, f1_curves.png and {logs.relative_to(out)}/ to {out}"
     )
-    return results
+    return 1 if failures else 0
 
 
 def _study(args: argparse.Namespace, config: TrainConfig, source: str, how: str, start: float) -> list[RunResult]:
     seeds = 1 if args.quick else (args.seeds or STUDY_SEEDS)
-    out = args.out or Path("runs/sed_f1_convergence")
+    out = _out(args, "runs/sed_f1_convergence")
     out.mkdir(parents=True, exist_ok=True)
+    logs = fresh_log_dir(out)
     configs = study_configs(config, config.weight_decay or DEFAULT.weight_decay)
     print(f"convergence study: copy and ema_train x adam and adamw x {seeds} seeds on {source}, {how}")
     for optimizer, c in configs.items():
         print(f"  {optimizer}: {_describe(c)}")
     jobs = study_jobs(range(seeds), configs)
     results = run_jobs(
-        jobs, out, args.workers, args.data, quick=args.quick, show_progress=not args.no_progress, nproc=args.nproc
+        jobs, out, logs, args.workers, args.data, args.quick, show_progress=not args.no_progress, nproc=args.nproc
     )
     plot_study(results, out / "convergence.png")
     summary = summarise(results, configs)
     text = study_text(results, summary)
     minutes = (time.perf_counter() - start) / 60
-    write_json(results, out / "convergence.json", {"summary": summary, "minutes": minutes})
+    extra = {"summary": summary, "minutes": minutes, "tensorboard": str(logs.relative_to(out))}
+    write_json(results, out / "convergence.json", extra)
     (out / "convergence.md").write_text(f"# Convergence study\n\n{text}\nDone in {minutes:.1f} min.\n")
     print(f"\n{text}\nDone in {minutes:.1f} min (wall time, data included). Wrote convergence.json, convergence.md, "
-          f"convergence.png and tensorboard/ to {out}")  # fmt: skip
+          f"convergence.png and {logs.relative_to(out)}/ to {out}")  # fmt: skip
     return results
 
 

@@ -2,15 +2,19 @@
 
 The synthetic data is made once, on the same workers, and written in the
 ``--data`` layout to ``<out>/features``; every training process reads it from
-there (and a later job with the same data settings reuses it).
+there (and a later job with the same data settings reuses it). Each job logs to
+a TensorBoard folder of its own, ``<out>/tensorboard/<start time>``, so that a
+rerun never adds events to an earlier job's runs.
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import multiprocessing as mp
 import queue
+import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Executor, Future, ProcessPoolExecutor
 from dataclasses import dataclass
@@ -26,7 +30,7 @@ from examples.sed_f1.data import SEDData, load_npz_dir, save_npz_dir, synthesize
 from examples.sed_f1.experiment import RunResult, TrainConfig, train_run
 from ignite_ema import run_on_processes
 
-_TICK = 50  # iterations per progress message
+_TICK = 50  # iterations per progress message (and the rest of a run at its end)
 SIZES = {False: (300, 2000, 400), True: (100, 300, 100)}  # (labelled, unlabelled, test) clips; True: --quick
 
 
@@ -44,6 +48,21 @@ def _fingerprint(quick: bool) -> dict[str, Any]:
     """What the synthetic features depend on: their sizes and the code that makes them."""
     sources = b"".join(Path(module.__file__ or "").read_bytes() for module in (audio, features, data))
     return {"clips": SIZES[quick], "seed": 0, "code": hashlib.sha256(sources).hexdigest()[:16]}
+
+
+def fresh_log_dir(out: Path) -> Path:
+    """A new folder for one job's TensorBoard runs: ``out/tensorboard/<YYYYmmdd-HHMMSS>`` (``-2``... if taken)."""
+    parent = out / "tensorboard"
+    parent.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for n in itertools.count(1):
+        path = parent / (stamp if n == 1 else f"{stamp}-{n}")
+        try:
+            path.mkdir()  # not exist_ok: two jobs started in the same second get two folders
+        except FileExistsError:
+            continue
+        return path
+    raise AssertionError("unreachable")  # itertools.count never ends
 
 
 def prepare_data(data_dir: Path | None, out: Path, quick: bool, pool: Executor | None) -> Path:
@@ -78,6 +97,7 @@ def _init_worker() -> None:
 
 
 def _work(job: Job, features_dir: Path, log_dir: Path, progress: Any) -> RunResult:
+    """One run on a worker: it puts the number of iterations it has done since its last message on ``progress``."""
     return train_run(
         job.name, job.seed, _data(features_dir), job.config, log_dir, on_iterations=progress.put, every=_TICK
     )
@@ -91,6 +111,7 @@ def _train_one_rank(job: Job, features_dir: Path, log_dir: Path, show_progress: 
 def run_jobs(
     jobs: Sequence[Job],
     out: Path,
+    logs: Path,
     workers: int,
     data_dir: Path | None = None,
     quick: bool = False,
@@ -99,13 +120,14 @@ def run_jobs(
 ) -> list[RunResult]:
     """Make or check the data, then train ``jobs``, ``workers`` at a time (or each on ``nproc`` processes, in turn).
 
+    The data goes to (or is reused from) ``out/features``, each job's TensorBoard events to ``logs/<log_name>``.
     Results come back in the order of ``jobs``.
     """
     if nproc > 1:
         features_dir = prepare_data(data_dir, out, quick, pool=None)
         results = []
         for job in jobs:
-            log_dir = out / "tensorboard" / job.log_name
+            log_dir = logs / job.log_name
             results.append(run_on_processes(nproc, _train_one_rank, job, features_dir, log_dir, show_progress)[0])
         return results
     context = mp.get_context("spawn")  # a fresh interpreter per worker: no forked torch thread pools
@@ -115,19 +137,28 @@ def run_jobs(
     ):
         features_dir = prepare_data(data_dir, out, quick, pool)
         ticks = manager.Queue()
-        futures = [pool.submit(_work, job, features_dir, out / "tensorboard" / job.log_name, ticks) for job in jobs]
-        total_ticks = sum(job.config.iterations // _TICK for job in jobs)
-        _follow(futures, ticks, total_ticks, show=show_progress)
+        futures = [pool.submit(_work, job, features_dir, logs / job.log_name, ticks) for job in jobs]
+        _follow(
+            futures, ticks, _progress_label(jobs, workers), sum(job.config.iterations for job in jobs), show_progress
+        )
         return [future.result() for future in futures]
 
 
-def _follow(futures: Sequence[Future[RunResult]], ticks: Any, total_ticks: int, show: bool) -> None:
-    """Drive an Ignite engine whose iterations are the workers' progress messages, so ProgressBar shows it."""
+def _progress_label(jobs: Sequence[Job], workers: int) -> str:
+    """What the bar counts: "training iterations of 8 runs x 2000, 2 at a time"."""
+    lengths = sorted({job.config.iterations for job in jobs})
+    each = f" x {lengths[0]}" if len(lengths) == 1 else ""
+    return f"training iterations of {len(jobs)} runs{each}, {min(workers, len(jobs))} at a time"
+
+
+def _follow(futures: Sequence[Future[RunResult]], ticks: Any, label: str, total: int, show: bool) -> None:
+    """Drive an Ignite engine through one iteration per training iteration the workers report, so ProgressBar
+    counts training iterations (of all runs together)."""
 
     def messages() -> Iterator[int]:
         while True:
             try:
-                yield ticks.get(timeout=1.0)
+                yield from itertools.repeat(0, ticks.get(timeout=1.0))
             except queue.Empty:
                 # a failed run sends no more ticks: stop following, the caller re-raises its error
                 if any(f.done() and f.exception() is not None for f in futures):
@@ -137,6 +168,6 @@ def _follow(futures: Sequence[Future[RunResult]], ticks: Any, total_ticks: int, 
 
     follower = Engine(lambda engine, batch: batch)
     if show:
-        ProgressBar(desc="SED comparison, iterations of all runs", persist=True).attach(follower)
-    if total_ticks:
-        follower.run(messages(), max_epochs=1, epoch_length=total_ticks)
+        ProgressBar(desc=label, persist=True).attach(follower)
+    if total:
+        follower.run(messages(), max_epochs=1, epoch_length=total)

@@ -204,10 +204,10 @@ def train_run(
 ) -> RunResult:
     """Train one run and evaluate teacher and student every ``config.eval_every`` iterations and at the end.
 
-    ``on_iterations(every)`` is called every ``every`` iterations (progress reporting), or an Ignite
-    ProgressBar shows the run (``progress_bar``); TensorBoard event files go to ``log_dir``. Under
-    ``torch.distributed`` the student is trained with DDP, each rank drawing its share of every batch, and
-    rank 0 reports and logs.
+    ``on_iterations(n)`` is called with ``n = every`` every ``every`` iterations, and at the end with the rest
+    (progress reporting), or an Ignite ProgressBar shows the run (``progress_bar``); TensorBoard event files go
+    to ``log_dir``. Under ``torch.distributed`` the student is trained with DDP, each rank drawing its share of
+    every batch, and rank 0 reports and logs.
     """
     if name not in RUNS:
         raise ValueError(f"unknown run {name!r}; expected one of {list(RUNS)}")
@@ -263,9 +263,12 @@ def train_run(
     if idist.get_rank() > 0:  # in a distributed run, rank 0 reports progress and logs
         on_iterations, log_dir, progress_bar = None, None, False
     if progress_bar:
-        ProgressBar(desc=f"{name} seed {seed}", persist=True).attach(trainer, output_transform=lambda out: out["loss"])
+        bar = ProgressBar(desc=f"{name} seed {seed}, iterations", persist=True)
+        bar.attach(trainer, output_transform=lambda out: out["loss"])
     if on_iterations is not None:
         trainer.add_event_handler(Events.ITERATION_COMPLETED(every=every), lambda: on_iterations(every))
+        if config.iterations % every:  # the iterations after the last multiple of every
+            trainer.add_event_handler(Events.COMPLETED, lambda: on_iterations(config.iterations % every))
     if log_dir is not None:
         _attach_tensorboard(trainer, optimizer, student_eval, teacher_eval, log_dir)
 
@@ -294,7 +297,7 @@ def _attach_tensorboard(
     trainer: Engine, optimizer: torch.optim.Optimizer, student_eval: Engine, teacher_eval: Engine | None, log_dir: Path
 ) -> None:
     """Losses, consistency weight, EMA momentum and learning rate every 10 iterations; every score of both models
-    at each evaluation."""
+    at each evaluation, in % as in the tables (``RunResult`` and results.json keep fractions)."""
     logger = TensorboardLogger(log_dir=str(log_dir))
     logger.attach(
         trainer,
@@ -310,6 +313,13 @@ def _attach_tensorboard(
     trainer_iteration = global_step_from_engine(trainer, Events.ITERATION_COMPLETED)
     for tag, evaluator in (("student", student_eval), ("teacher", teacher_eval)):
         if evaluator is not None:
-            handler = OutputHandler(tag=tag, metric_names=list(ALL_SCORES), global_step_transform=trainer_iteration)
+            handler = OutputHandler(
+                tag=tag, output_transform=_percent(evaluator), global_step_transform=trainer_iteration
+            )
             logger.attach(evaluator, handler, event_name=Events.COMPLETED)
     trainer.add_event_handler(Events.COMPLETED, logger.close)
+
+
+def _percent(evaluator: Engine) -> Callable[[Any], dict[str, float]]:
+    """The scores of ``evaluator``'s last run in % (an OutputHandler transform, which is given the output)."""
+    return lambda _: {name: 100 * float(evaluator.state.metrics[name]) for name in ALL_SCORES}

@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 import statistics
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from examples.sed_f1.experiment import ALL_SCORES, RunResult
 
@@ -23,6 +24,7 @@ SHORT = {
     "psds2": "PSDS2",
 }
 COPY_RUNS = ("ignite-copy", "copy")  # the teachers in eval mode on the student's copied statistics
+INFO_RUNS = ("update", "copy+recal")  # teachers whose gap to ema_train is reported, not checked
 
 Key = Callable[[RunResult], str]
 
@@ -36,9 +38,14 @@ def study_key(result: RunResult) -> str:
 
 
 def mean_std(values: Sequence[float]) -> str:
-    """``mean ± std`` in %, the sample standard deviation over seeds (0 for one seed)."""
-    spread = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{100 * statistics.mean(values):.1f} ± {100 * spread:.1f}"
+    """``mean ± std`` in %, the sample standard deviation over seeds; the mean alone for one seed (no spread).
+
+    >>> mean_std([0.5, 0.7]), mean_std([0.5])
+    ('60.0 ± 14.1', '50.0')
+    """
+    if len(values) == 1:
+        return f"{100 * values[0]:.1f}"
+    return f"{100 * statistics.mean(values):.1f} ± {100 * statistics.stdev(values):.1f}"
 
 
 def group(results: Sequence[RunResult], key: Key = run_key) -> dict[str, list[RunResult]]:
@@ -85,26 +92,55 @@ def curve_of(result: RunResult, model: str, metric: str) -> list[tuple[int, floa
     return [(i, point[model][metric]) for i, point in sorted(result.curve.items())]
 
 
-def plateau(results: Sequence[RunResult], tolerance: float = 0.015) -> tuple[bool | None, str]:
-    """Have every student and every ``ema_train`` teacher plateaued: last two evaluations within ``tolerance``?
+_OTHERS = "other students (not checked)"
 
-    Returns the verdict (``None`` when no curve has two evaluations) and the largest change in event F1 between
-    the last two evaluations, with where it is, for the students and for the teachers.
+
+def plateau(results: Sequence[RunResult], tolerance: float = 0.015) -> tuple[bool | None, str]:
+    """Have the ``ema_train`` students and teachers plateaued: last two evaluations within ``tolerance``?
+
+    The reference of every gap must be a trained model. The other runs' students are reported, not checked: a
+    teacher on borrowed statistics keeps pulling its student about through the consistency loss (the study's
+    ``copy`` students move by up to 2.5 points at the end), which is the regression, not a short run.
+
+    Returns the verdict (``None`` when no ``ema_train`` curve has two evaluations) and the largest change in event
+    F1 between the last two evaluations, with where it is, per group of curves.
     """
-    changes: dict[str, list[tuple[float, str]]] = {"student": [], "teacher": []}
+    changes: dict[str, list[tuple[float, str]]] = {"ema_train students": [], "ema_train teachers": [], _OTHERS: []}
     for r in results:
-        for model in ["student"] + (["teacher"] if r.mode == "ema_train" else []):
+        for model in ("student", "teacher") if r.mode == "ema_train" else ("student",):
             points = curve_of(r, model, "event_f1")
             if len(points) >= 2:
-                changes[model].append((abs(points[-1][1] - points[-2][1]), f"{r.name} {model}, seed {r.seed}"))
-    found = [max(c) for c in changes.values() if c]
-    if not found:
-        return None, "fewer than two evaluations"
-    text = "; ".join(f"{model}s at most {100 * max(c)[0]:.1f} ({max(c)[1]})" for model, c in changes.items() if c)
-    return max(found)[0] <= tolerance, text
+                where = f"ema_train {model}s" if r.mode == "ema_train" else _OTHERS
+                changes[where].append((abs(points[-1][1] - points[-2][1]), f"{r.name} {model}, seed {r.seed}"))
+    checked = [max(c) for where, c in changes.items() if c and where != _OTHERS]
+    text = "; ".join(f"{where} at most {100 * max(c)[0]:.1f} ({max(c)[1]})" for where, c in changes.items() if c)
+    if not checked:
+        return None, "no ema_train run with two evaluations" + (f" ({text})" if text else "")
+    return max(checked)[0] <= tolerance, text
 
 
-def _gap_line(runs: dict[str, list[RunResult]], name: str, margin: float) -> str:
+@dataclass(frozen=True)
+class Check:
+    """One line of the verdict: ``status`` is PASS, FAIL, SKIP (nothing to check), INFO (reported, not checked) or
+    :data:`NOT_APPLICABLE` (a check that a --quick run is too short to meet)."""
+
+    status: str
+    text: str
+
+    def __str__(self) -> str:
+        return f"{self.status}: {self.text}"
+
+
+NOT_APPLICABLE = "n/a in a --quick run"
+
+
+def failed(checks: Iterable[Check]) -> list[Check]:
+    """The checks that failed: any makes the job exit non-zero."""
+    return [check for check in checks if check.status == "FAIL"]
+
+
+def _gap_line(runs: dict[str, list[RunResult]], name: str, margin: float | None) -> Check:
+    """``name``'s teacher against the ``ema_train`` teacher of the same seeds: a check with ``margin``, else INFO."""
     reference = {r.seed: r.teacher for r in runs["ema_train"] if r.teacher is not None}
     rows = [r for r in runs[name] if r.teacher is not None and r.seed in reference]
 
@@ -114,12 +150,15 @@ def _gap_line(runs: dict[str, list[RunResult]], name: str, margin: float) -> str
 
     every_seed = all(r.teacher is not None and reference[r.seed]["event_f1"] > r.teacher["event_f1"] for r in rows)
     event, frame, psds1 = gap("event_f1"), gap("frame_f1"), gap("psds1")
-    ok = event >= margin and every_seed
-    return (
-        f"{'PASS' if ok else 'FAIL'}: {name} teacher event F1 is {_points(event)} ema_train's "
-        f"(needs >= {100 * margin:.0f} below), {'lower in every seed' if every_seed else 'NOT lower in every seed'}; "
-        f"frame F1 {_points(frame)}, PSDS1 {_points(psds1)}"
+    needs = "not checked" if margin is None else f"needs >= {100 * margin:.0f} below"
+    seeds = "lower in every seed" if every_seed else "NOT lower in every seed"
+    text = (
+        f"{name} teacher event F1 is {_points(event)} ema_train's ({needs}), {seeds}; frame F1 {_points(frame)}, "
+        f"PSDS1 {_points(psds1)}"
     )
+    if margin is None:
+        return Check("INFO", text)
+    return Check("PASS" if event >= margin and every_seed else "FAIL", text)
 
 
 def _points(difference: float) -> str:
@@ -128,38 +167,48 @@ def _points(difference: float) -> str:
 
 
 def verdict(
-    results: Sequence[RunResult], margin: float = 0.10, teacher_slack: float = 0.02, tolerance: float = 0.015
-) -> list[str]:
-    """Does the comparison show the regression in trained models? One line per check, starting with PASS or FAIL.
+    results: Sequence[RunResult],
+    margin: float = 0.10,
+    teacher_slack: float = 0.02,
+    tolerance: float = 0.015,
+    quick: bool = False,
+) -> list[Check]:
+    """Does the comparison show the regression in trained models? One :class:`Check` per line.
 
-    The checks: every student and ``ema_train`` teacher has plateaued (event
-    F1 of the last two evaluations within ``tolerance``); the mean teacher
-    event F1 of ``ignite-copy`` and ``copy`` is at least ``margin`` below
-    ``ema_train``'s, and lower in every seed (their frame F1 and PSDS1 gaps are
-    reported on the same line); the ``ema_train`` teacher is within
-    ``teacher_slack`` of its own student, on frame and on event F1.
+    The checks: the ``ema_train`` students and teachers have plateaued (event
+    F1 of the last two evaluations within ``tolerance``; the other students'
+    changes are reported); the mean teacher event F1 of ``ignite-copy`` and
+    ``copy`` is at least ``margin`` below ``ema_train``'s, and lower in every
+    seed (their frame F1 and PSDS1 gaps are reported on the same line;
+    ``update``'s gap is reported, not checked); the ``ema_train`` teacher is
+    within ``teacher_slack`` of its own student, on frame and on event F1.
+
+    quick: a smoke run (``--quick``), too short to plateau or for the teacher's average to catch up with its
+        student: those checks are reported as :data:`NOT_APPLICABLE`; the gaps are still checked.
     """
     runs = group(results)
     settled, where = plateau(results, tolerance)
-    outcome = "SKIP" if settled is None else "PASS" if settled else "FAIL"
-    lines = [
-        f"{outcome}: the students and the ema_train teachers have plateaued: event F1 of the last two evaluations "
-        f"within {100 * tolerance:.1f} points (changes: {where})"
+    outcome = "SKIP" if settled is None else NOT_APPLICABLE if quick else "PASS" if settled else "FAIL"
+    checks = [
+        Check(
+            outcome,
+            f"the ema_train students and teachers have plateaued: event F1 of the last two evaluations within "
+            f"{100 * tolerance:.1f} points (changes: {where})",
+        )
     ]
     if "ema_train" not in runs:
-        return [*lines, "SKIP: no ema_train run to compare with"]
-    lines += [_gap_line(runs, name, margin) for name in COPY_RUNS if name in runs]
+        return [*checks, Check("SKIP", "no ema_train run to compare with")]
+    checks += [_gap_line(runs, name, margin) for name in COPY_RUNS if name in runs]
+    checks += [_gap_line(runs, name, None) for name in INFO_RUNS if name in runs]
     for metric in ("frame_f1", "event_f1"):
         rows = [r for r in runs["ema_train"] if r.teacher is not None]
         lag = statistics.mean(r.student[metric] for r in rows) - statistics.mean(
             r.teacher[metric] for r in rows if r.teacher is not None
         )
-        ok = abs(lag) <= teacher_slack
-        lines.append(
-            f"{'PASS' if ok else 'FAIL'}: ema_train teacher {SHORT[metric]} is {_points(lag)} its student "
-            f"(allowed: within {100 * teacher_slack:.0f})"
-        )
-    return lines
+        status = NOT_APPLICABLE if quick else "PASS" if abs(lag) <= teacher_slack else "FAIL"
+        allowed = f"allowed: within {100 * teacher_slack:.0f}"
+        checks.append(Check(status, f"ema_train teacher {SHORT[metric]} is {_points(lag)} its student ({allowed})"))
+    return checks
 
 
 def write_json(results: Sequence[RunResult], path: Path, extra: dict[str, Any] | None = None) -> None:
@@ -187,10 +236,15 @@ def _ratio(layer: int) -> Callable[[RunResult, int], float]:
 
 
 def plot_row(axes: Sequence[Any], results: Sequence[RunResult], key: Key = run_key) -> None:
-    """Into three axes: frame and event F1 of teacher (solid) and student (dashed), and the conv norm ratios."""
+    """Into three axes: frame and event F1 of teacher (solid) and student (dashed), and the conv norm ratios.
+
+    The legends go below the axes, where they cover no curve whatever the scores.
+    """
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
 
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    layer_styles: tuple[Literal["-", "--", ":"], ...] = ("-", "--", ":")
     for colour, (name, rows) in zip(colours * 4, group(results, key).items(), strict=False):
         for axis, metric in zip(axes[:2], ("frame_f1", "event_f1"), strict=True):
             for model, style in (("teacher", "-"), ("student", "--")):
@@ -198,9 +252,8 @@ def plot_row(axes: Sequence[Any], results: Sequence[RunResult], key: Key = run_k
                     _band(axis, rows, _score(model, metric), color=colour, linestyle=style, label=f"{name} {model}")
         if all("norm_ratio" in p["motion"] for r in rows for p in r.curve.values()):
             layers = len(next(iter(rows[0].curve.values()))["motion"]["norm_ratio"])
-            for layer, style in zip(range(layers), ("-", "--", ":"), strict=False):
-                label = f"{name} conv {layer + 1}"
-                _band(axes[2], rows, _ratio(layer), color=colour, linestyle=style, label=label)
+            for layer, style in zip(range(layers), layer_styles, strict=False):
+                _band(axes[2], rows, _ratio(layer), color=colour, linestyle=style)
     for axis, label in zip(axes, ("frame-based F1 (%)", "event-based F1 (%)", "teacher / student norm"), strict=True):
         axis.set_xlabel("iteration")
         axis.set_ylabel(label)
@@ -208,8 +261,13 @@ def plot_row(axes: Sequence[Any], results: Sequence[RunResult], key: Key = run_k
     axes[0].set_title("frame F1 on the test set (band: min-max over seeds)")
     axes[1].set_title("event F1 (solid: teacher, dashed: student)")
     axes[2].set_title("conv weight norm, teacher / student, per layer")
-    axes[1].legend(loc="lower right", fontsize=7)
-    axes[2].legend(loc="lower right", fontsize=7)
+    below = {"loc": "upper center", "bbox_to_anchor": (0.5, -0.16), "fontsize": 8}
+    axes[1].legend(ncol=2, **below)
+    # the colours are the runs of the middle legend; one entry per layer, not one per run and layer
+    keys = [Line2D([], [], color="0.3", linestyle=s, label=f"conv {i + 1}") for i, s in enumerate(layer_styles)]
+    if axes[2].lines:
+        title = "colours: the runs, as in the middle panel"
+        axes[2].legend(handles=keys, ncol=3, title=title, title_fontsize=8, **below)
 
 
 def figure(rows: int) -> tuple[Any, Any]:
@@ -219,7 +277,7 @@ def figure(rows: int) -> tuple[Any, Any]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(rows, 3, figsize=(16, 4.4 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, 3, figsize=(16, 5 * rows), squeeze=False)
     return fig, axes
 
 
@@ -240,8 +298,11 @@ def plot_curves(results: Sequence[RunResult], path: Path) -> None:
 
 __all__ = [
     "ALL_SCORES",
+    "NOT_APPLICABLE",
     "TABLE_SCORES",
+    "Check",
     "curve_of",
+    "failed",
     "figure",
     "group",
     "layer_means",
