@@ -79,13 +79,20 @@ class EngineClock:
         """The clock's reading at the engine's current iteration."""
         return self.offset + engine.state.iteration
 
-    def start_run(self, engine: Engine) -> bool:
+    def start_run(self, engine: Engine, last_update: int | None = None) -> bool:
         """Call when a run starts. ``True`` when the engine resumes past iteration 0 but the handler has neither
-        updated nor loaded a state: a checkpoint restored everything but the handler."""
-        if self.now(engine) < self.last_update:
-            self.offset = self.last_update - engine.state.iteration
+        updated nor loaded a state: a checkpoint restored everything but the handler.
+
+        Args:
+            engine: the engine whose run starts.
+            last_update: the clock's reading at the handler's last update, where the handler's core keeps it (a
+                ``ModelEMA``'s ``last_step``); :attr:`last_update` by default.
+        """
+        last = self.last_update if last_update is None else last_update
+        if self.now(engine) < last:
+            self.offset = last - engine.state.iteration
             return False
-        return engine.state.iteration > 0 and self.last_update == 0 and not self.restored
+        return engine.state.iteration > 0 and last == 0 and not self.restored
 
     def state_dict(self) -> dict[str, int]:
         return {"last_update_iteration": self.last_update, "iteration_offset": self.offset}

@@ -7,7 +7,7 @@ counters of its own clock. The EMA itself is a :class:`~ignite_ema.ModelEMA`.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from contextlib import AbstractContextManager, ExitStack
 from typing import Any
 
@@ -19,12 +19,8 @@ from torch.utils.hooks import RemovableHandle
 
 from ignite_ema._checks import (
     check_bool,
-    check_count,
-    check_fraction,
     check_keys,
-    check_real,
     warn_at_caller,
-    warn_if_decay,
 )
 from ignite_ema._engine import EngineClock, attach_update
 from ignite_ema.model_ema import STATE_KEYS, ModelEMA
@@ -40,7 +36,8 @@ class _Default(float):
 
 
 _MOMENTUM_DEFAULT = _Default(0.0002)
-_COUNTERS = ("num_averaged", "num_skipped", *EngineClock.KEYS)
+# What the handler's state adds to its ModelEMA's: the updates it skipped, and its clock's offset.
+_COUNTERS = ("num_skipped", "iteration_offset")
 
 
 class _ForwardProbe:
@@ -100,6 +97,8 @@ class EMAHandler(Serializable):
             at the ``n``-th averaging update, timm's and diffusers' warm-up.
         start_iteration: updates up to and including this iteration copy the
             student; averaging (and any warm-up) starts after it.
+        exclude: tensor names or ``fnmatch`` patterns copied from the student
+            at every update instead of averaged (see :class:`~ignite_ema.ModelEMA`).
         ema_model: an EMA module built by the caller (see
             :class:`~ignite_ema.ModelEMA`); by default a deep copy of ``model``.
         device: keep the EMA model on this device (the student's by default).
@@ -150,7 +149,7 @@ class EMAHandler(Serializable):
         0.129449
     """
 
-    _state_dict_all_req_keys = ("handle_buffers", "tensors", *_COUNTERS)
+    _state_dict_all_req_keys = (*STATE_KEYS, *_COUNTERS)
 
     def __init__(
         self,
@@ -164,36 +163,32 @@ class EMAHandler(Serializable):
         mean_teacher_warmup: bool = False,
         power_warmup: tuple[float, float] | None = None,
         start_iteration: int = 0,
+        exclude: str | Sequence[str] = (),
         ema_model: nn.Module | None = None,
         device: torch.device | str | None = None,
         shadow_dtype: torch.dtype | None = None,
         sync_buffers: str | None = None,
         skip_nonfinite: bool = False,
     ) -> None:
-        momentum_given = not isinstance(momentum, _Default)
         self._half_life = None if half_life is None else HalfLife.parse(half_life)
-        if self._half_life is not None and momentum_given:
-            raise ValueError(
-                f"give either momentum ({momentum}) or half_life ({half_life!r}), not both: each sets how fast "
-                "the average forgets"
-            )
-        momentum = check_fraction("momentum", momentum, low_open=True, high_open=True)
-        if momentum_given and momentum > 0.5:
-            warn_if_decay(momentum)
-        if (momentum_warmup is None) != (warmup_iters is None):
-            raise ValueError(
-                "the linear warm-up needs both momentum_warmup and warmup_iters; found "
-                f"momentum_warmup={momentum_warmup}, warmup_iters={warmup_iters}"
-            )
-        if momentum_warmup is not None:
-            momentum_warmup = check_fraction("momentum_warmup", momentum_warmup, low_open=False, high_open=False)
-            warmup_iters = check_count("warmup_iters", warmup_iters, minimum=1)
-        power = _check_power_warmup(power_warmup, check_bool("mean_teacher_warmup", mean_teacher_warmup))
-        if power is not None and momentum_warmup is not None:
-            raise ValueError(
-                "choose one warm-up: the linear one (momentum_warmup) or power_warmup / mean_teacher_warmup"
-            )
-        start_iteration = check_count("start_iteration", start_iteration, minimum=0)
+        # Ignite's default momentum applies when neither momentum nor half_life is given (and is not warned about);
+        # a momentum passed on purpose is checked like any other.
+        given: float | None = momentum
+        if isinstance(momentum, _Default):
+            given = None if half_life is not None else float(momentum)
+        self._schedule_args: dict[str, Any] = {
+            "momentum": given,
+            "half_life": half_life,
+            "momentum_warmup": momentum_warmup,
+            "warmup_iters": warmup_iters,
+            "mean_teacher_warmup": mean_teacher_warmup,
+            "power_warmup": power_warmup,
+            "start_iteration": start_iteration,
+        }
+        # Every argument checked now, at the caller: a half-life in epochs or in fractions of the run is resolved
+        # against a stand-in run here, against the engine's when a run starts.
+        schedule = MomentumSchedule.of(**self._schedule_args, run=(1, 1))
+        assert schedule is not None  # a momentum or a half-life, always
         if sync_buffers not in SYNC_BUFFERS_MODES:
             raise ValueError(
                 f"sync_buffers can only be None or 'update' (average the EMA model's floating buffers over the "
@@ -201,22 +196,16 @@ class EMAHandler(Serializable):
             )
         self._skip_nonfinite = check_bool("skip_nonfinite", skip_nonfinite)
 
-        self._ema = ModelEMA(model, handle_buffers, ema_model=ema_model, device=device, shadow_dtype=shadow_dtype)
+        self._ema = ModelEMA(
+            model, handle_buffers, exclude=exclude, ema_model=ema_model, device=device, shadow_dtype=shadow_dtype
+        )
         self.model = self._ema.model
         self.handle_buffers = handle_buffers
-        self.momentum: float | None = None if self._half_life is not None else momentum
-        self._schedule_args: dict[str, Any] = {
-            "momentum_warmup": momentum_warmup,
-            "warmup_iters": warmup_iters,
-            "power_warmup": power,
-            "start_iteration": start_iteration,
-        }
-        # Built when a run starts, which resolves the half-life's unit; until then, what attach() publishes.
-        self._schedule: MomentumSchedule | None = None
-        self._constant = self._half_life is None and power is None and momentum_warmup is None and not start_iteration
+        self.momentum: float | None = schedule.momentum
+        # A momentum without warm-ups or a start phase is known before any update: attach() publishes it, as Ignite's.
+        self._constant = schedule.momentum is not None and schedule == MomentumSchedule(momentum=schedule.momentum)
         self._sync_buffers = sync_buffers
 
-        self._num_averaged = 0
         self._num_skipped = 0
         self._clock = EngineClock()  # the iterations of the schedule: the engine's, going on across runs
         self._engine: Engine | None = None
@@ -278,9 +267,11 @@ class EMAHandler(Serializable):
         self._remove_probe()  # one left by a step that raised
         self._ema.rebind()
         self._ema.check_outside_writes()
-        self._schedule = self._make_schedule(engine)
-        if self.momentum is None and self._schedule.half_life is not None:
-            self.momentum = momentum_from_half_life(self._schedule.half_life, 1)
+        schedule = MomentumSchedule.of(**self._schedule_args, run=(engine.state.epoch_length, engine.state.max_epochs))
+        assert schedule is not None
+        self._ema.schedule = schedule
+        if schedule.half_life is not None:
+            self.momentum = momentum_from_half_life(schedule.half_life, 1)
         if self._skip_nonfinite:  # after load_state_dict, the restored count
             setattr(engine.state, f"{name}_skipped", self._num_skipped)
         if getattr(engine.state, name, None) is None:
@@ -288,8 +279,8 @@ class EMAHandler(Serializable):
             # log from the first iteration on, and not a momentum that will not be applied (with every=k, the first
             # update's depends on k).
             setattr(engine.state, name, 0.0)
-        if self._clock.start_run(engine):
-            self._clock.last_update = self._clock.now(engine)  # delta counted from where the run resumed
+        if self._clock.start_run(engine, self._ema.last_step):
+            self._ema.last_step = self._clock.now(engine)  # delta counted from where the run resumed
             self._warn_once(
                 "not_restored",
                 f"the engine resumes at iteration {engine.state.iteration}, but this EMAHandler has never updated "
@@ -297,14 +288,6 @@ class EMAHandler(Serializable):
                 "half-life counted from here. To resume it exactly, checkpoint the handler itself "
                 "(Checkpoint(to_save={'ema': handler, ...}))",
             )
-
-    def _make_schedule(self, engine: Engine) -> MomentumSchedule:
-        half_life = None
-        if self._half_life is not None:
-            half_life = self._half_life.in_iterations(engine.state.epoch_length, engine.state.max_epochs)
-        return MomentumSchedule(
-            momentum=None if half_life is not None else self.momentum, half_life=half_life, **self._schedule_args
-        )
 
     # ------------------------------------------------------------------ per iteration
 
@@ -348,33 +331,28 @@ class EMAHandler(Serializable):
             )
             self._check_teacher()
             return
-        assert self._schedule is not None  # built at STARTED, which comes first
-        momentum = self._schedule(iteration, self._clock.last_update, self._num_averaged)
-        if iteration <= self._schedule.start_iteration:
-            self._ema.copy_student()
-        else:
-            if self._schedule.half_life is not None and "short_half_life" not in self._warned:
-                self._check_half_life(iteration - self._clock.last_update)
-            self._ema._average(momentum)
-            self._num_averaged += 1
-        self._clock.last_update = iteration
+        schedule = self._ema.schedule
+        assert schedule is not None  # set at STARTED, which comes first
+        if schedule.half_life is not None and iteration > schedule.start_iteration:
+            self._check_half_life(schedule.half_life, iteration - self._ema.last_step)
+        momentum = self._ema.update(step=iteration)
         setattr(engine.state, name, momentum)
         if self._sync_buffers == "update":
             self._ema.average_buffers_across_ranks()
         self._check_teacher()
 
-    def _check_half_life(self, delta: int) -> None:
+    def _check_half_life(self, iterations: float, delta: int) -> None:
         """Warn once when the half-life is shorter than the time between updates: each update forgets more than half
         of the average, which is seldom meant (a ``"dur"`` half-life on a short run, say)."""
-        assert self._schedule is not None and self._schedule.half_life is not None and self._half_life is not None
-        iterations = self._schedule.half_life
-        if (momentum := momentum_from_half_life(iterations, delta)) > 0.5:
-            self._warn_once(
-                "short_half_life",
-                f"half_life={self._half_life.value:g}{self._half_life.unit} is {iterations:.3g} iterations in this "
-                f"run, shorter than the {delta} iteration(s) between updates: each update forgets more than half of "
-                f"the average (momentum {momentum:.3g}). Give a longer half_life",
-            )
+        if "short_half_life" in self._warned or (momentum := momentum_from_half_life(iterations, delta)) <= 0.5:
+            return
+        assert self._half_life is not None
+        self._warn_once(
+            "short_half_life",
+            f"half_life={self._half_life.value:g}{self._half_life.unit} is {iterations:.3g} iterations in this "
+            f"run, shorter than the {delta} iteration(s) between updates: each update forgets more than half of "
+            f"the average (momentum {momentum:.3g}). Give a longer half_life",
+        )
 
     def _check_teacher(self) -> None:
         probe = self._probe
@@ -467,7 +445,7 @@ class EMAHandler(Serializable):
         return {**self._counters(), **self._ema.sharded_state_dict(copy=copy)}
 
     def _counters(self) -> dict[str, int]:
-        return {"num_averaged": self._num_averaged, "num_skipped": self._num_skipped, **self._clock.state_dict()}
+        return {"num_skipped": self._num_skipped, "iteration_offset": self._clock.offset}
 
     def model_state_dict(self) -> dict[str, torch.Tensor]:
         """The EMA's weights as a state dict of the model (whole tensors): see
@@ -484,24 +462,6 @@ class EMAHandler(Serializable):
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"EMAHandler state '{key}' must be a non-negative int; found {value!r}")
         self._ema.load_state_dict({k: state_dict[k] for k in STATE_KEYS})  # checks everything before it copies
-        self._num_averaged = state_dict["num_averaged"]
         self._num_skipped = state_dict["num_skipped"]
-        self._clock.load_state_dict(state_dict)
-
-
-def _check_power_warmup(power_warmup: object, mean_teacher: bool) -> tuple[float, float] | None:
-    """``(gamma, power)``, both positive; ``(1, 1)`` for the mean-teacher ramp; ``None`` for neither."""
-    if mean_teacher and power_warmup is not None:
-        raise ValueError("choose one warm-up: power_warmup or mean_teacher_warmup (which is power_warmup=(1, 1))")
-    if mean_teacher:
-        return (1.0, 1.0)
-    if power_warmup is None:
-        return None
-    if not isinstance(power_warmup, (tuple, list)) or len(power_warmup) != 2:
-        raise TypeError(f"power_warmup must be a pair (gamma, power); found {power_warmup!r}")
-    gamma, power = (
-        check_real(f"power_warmup's {part}", v) for part, v in zip(("gamma", "power"), power_warmup, strict=True)
-    )
-    if gamma <= 0 or power <= 0:
-        raise ValueError(f"power_warmup (gamma, power) must both be positive; found {tuple(power_warmup)}")
-    return (gamma, power)
+        self._clock.offset = state_dict["iteration_offset"]
+        self._clock.restored = True

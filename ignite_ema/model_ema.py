@@ -2,18 +2,18 @@
 
 It owns what makes an EMA of a module: unwrapping wrappers, pairing tensors
 by name, the buffer policy of the three modes, float32 shadows for
-low-precision tensors, swapping the EMA into the student, and the state.
-How fast it forgets is the caller's: :meth:`ModelEMA.update` takes the
-momentum of each update.
+low-precision tensors, how fast it forgets (its schedule and the counters
+the schedule reads), swapping the EMA into the student, and the state.
 
 >>> import torch
 >>> from ignite_ema import ModelEMA
 >>> student = torch.nn.Linear(2, 1, bias=False)
 >>> _ = torch.nn.init.zeros_(student.weight)
->>> ema = ModelEMA(student)
+>>> ema = ModelEMA(student, momentum=0.25)  # or decay=0.75, or half_life=2.41 (iterations)
 >>> with torch.no_grad():
 ...     _ = student.weight.fill_(1.0)     # stands for an optimiser step
->>> ema.update(0.25)                      # ema = 0.75 * ema + 0.25 * student
+>>> ema.update()                          # step 1: ema = 0.75 * ema + 0.25 * student
+0.25
 >>> ema.ema_model.weight
 Parameter containing:
 tensor([[0.2500, 0.2500]])
@@ -28,8 +28,9 @@ tensor([[1., 1.]], requires_grad=True)
 
 from __future__ import annotations
 
+import fnmatch
 import itertools
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from copy import deepcopy
 from typing import Any
@@ -38,7 +39,15 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.lazy import LazyModuleMixin
 
-from ignite_ema._checks import check_device, check_keys, check_same_shapes, warn_at_caller, warn_if_decay
+from ignite_ema._checks import (
+    check_bool,
+    check_count,
+    check_device,
+    check_keys,
+    check_same_shapes,
+    warn_at_caller,
+    warn_if_decay,
+)
 from ignite_ema._watch import TensorWatch
 from ignite_ema.averaging import (
     FiniteCheck,
@@ -60,12 +69,13 @@ from ignite_ema.distributed import (
     sharding_mismatch,
     world_size,
 )
+from ignite_ema.schedules import MomentumSchedule
 
 __all__ = ["BUFFER_MODES", "ModelEMA", "named_tensors", "unwrap_model"]
 
 BUFFER_MODES = ("copy", "update", "ema_train")
 #: The keys of :meth:`ModelEMA.state_dict`.
-STATE_KEYS = ("handle_buffers", "tensors")
+STATE_KEYS = ("handle_buffers", "tensors", "num_averaged", "last_update_iteration")
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -91,7 +101,10 @@ class ModelEMA:
 
     After :meth:`update` with momentum ``m``,
     :math:`\theta_{EMA} \leftarrow (1 - m)\,\theta_{EMA} + m\,\theta`
-    for every averaged tensor; buffers follow ``handle_buffers``.
+    for every averaged tensor; buffers follow ``handle_buffers``. The
+    momentum of each update comes from the schedule (``momentum``, ``decay``
+    or ``half_life``, warm-ups, a start phase) at the update's step, or from
+    the caller (``update(0.01)``).
 
     Args:
         model: the student. ``DataParallel``, ``DistributedDataParallel`` and
@@ -104,6 +117,26 @@ class ModelEMA:
             passes; train mode: a mean-teacher teacher).
 
     Keyword Args:
+        momentum: the weight of the student per update, in (0, 1) (Ignite's
+            spelling).
+        decay: ``1 - momentum``, the weight of the average (timm's and
+            torch's spelling).
+        half_life: instead, the steps after which the student's contribution
+            has halved (a number or ``"500it"``); an update ``k`` steps after
+            the previous one uses ``1 - 0.5 ** (k / half_life)``. Give at most
+            one of the three; without any, :meth:`update` needs a momentum.
+        momentum_warmup, warmup_iters: Ignite's linear warm-up, from
+            ``momentum_warmup`` to the momentum over ``warmup_iters`` steps.
+        mean_teacher_warmup: ``max(m, 1 / (n + 1))`` at the ``n``-th averaging
+            update (Tarvainen & Valpola), ``power_warmup=(1, 1)``.
+        power_warmup: ``(gamma, power)``: ``max(m, (1 + n / gamma) ** -power)``
+            at the ``n``-th averaging update (timm's and diffusers' warm-up).
+        start_iteration: updates at steps up to and including this one copy
+            the student; averaging (and any warm-up) starts after it.
+        exclude: tensor names or ``fnmatch`` patterns (``"head.*"``) whose EMA
+            is not taken: copied from the student by value at every update (a
+            head re-initialised during fine-tuning, say). A pattern that
+            matches no tensor is an error.
         ema_model: an EMA module built by the caller, with the student's
             tensor names and shapes and the student's dtypes or wider floating
             ones, sharded like the student; the student's values are copied
@@ -116,8 +149,18 @@ class ModelEMA:
         shadow_dtype: dtype the floating averages are kept in; by default
             float32 for bf16/fp16 tensors and the tensor's own dtype otherwise.
             Complex tensors use the complex dtype that holds both.
+        tensors_only: keep the EMA's tensors only, no module (as for a sharded
+            student): for an EMA that no one runs, like PostHocEMA's. Averages
+            are then held in their shadow dtype alone (4 bytes a parameter of a
+            bf16 student instead of 4 + 2), on ``device`` if given; read them
+            through :meth:`swapped`, :meth:`state_dict` or :meth:`model_state_dict`.
 
     Attributes:
+        schedule: the :class:`~ignite_ema.MomentumSchedule` that :meth:`update`
+            asks, or ``None``.
+        num_averaged: averaging updates of the schedule so far (the power
+            warm-ups count these).
+        last_step: the step of the last scheduled update (0: none yet).
         model: the student, unwrapped.
         ema_model: the averaged module (``requires_grad`` off); a sharded
             student built without ``ema_model=`` has none (:attr:`has_ema_model`).
@@ -133,10 +176,32 @@ class ModelEMA:
         model: nn.Module,
         handle_buffers: str = "copy",
         *,
+        momentum: float | None = None,
+        decay: float | None = None,
+        half_life: float | str | None = None,
+        momentum_warmup: float | None = None,
+        warmup_iters: int | None = None,
+        mean_teacher_warmup: bool = False,
+        power_warmup: tuple[float, float] | None = None,
+        start_iteration: int = 0,
+        exclude: str | Sequence[str] = (),
         ema_model: nn.Module | None = None,
         device: torch.device | str | None = None,
         shadow_dtype: torch.dtype | None = None,
+        tensors_only: bool = False,
     ) -> None:
+        self.schedule = MomentumSchedule.of(
+            momentum=momentum,
+            decay=decay,
+            half_life=half_life,
+            momentum_warmup=momentum_warmup,
+            warmup_iters=warmup_iters,
+            mean_teacher_warmup=mean_teacher_warmup,
+            power_warmup=power_warmup,
+            start_iteration=start_iteration,
+        )
+        self.num_averaged = 0
+        self.last_step = 0
         if not isinstance(model, nn.Module):
             raise ValueError(
                 f"model should be an instance of nn.Module or its subclasses, but got {type(model).__name__}"
@@ -152,6 +217,13 @@ class ModelEMA:
             raise TypeError(f"ema_model must be an nn.Module or None; found {type(ema_model).__name__}")
         if ema_model is not None and placed is not None:
             raise ValueError("give device= or ema_model=, not both: an ema_model stays where it is")
+        if check_bool("tensors_only", tensors_only) and ema_model is not None:
+            raise ValueError("give ema_model= or tensors_only=True, not both: tensors_only keeps no module")
+        if tensors_only and handle_buffers == "ema_train":
+            raise ValueError(
+                "handle_buffers='ema_train' needs an EMA model that runs forward passes, and tensors_only=True keeps "
+                "no module: use 'copy' or 'update', or leave tensors_only=False"
+            )
         self.model = unwrap_model(model)
         self.handle_buffers = handle_buffers
         _check_initialised(self.model, "model")
@@ -174,13 +246,21 @@ class ModelEMA:
                 "be deep-copied: pass ema_model=fully_shard(<a second instance of the model>), sharded like the student"
             )
         params = {n for n, _ in self.model.named_parameters()}
-        self._averaged = [n for n, t in student.items() if _is_averaged(n in params, t, handle_buffers)]
+        excluded = _matching(exclude, student)
+        self._averaged = [
+            n for n, t in student.items() if _is_averaged(n in params, t, handle_buffers) and n not in excluded
+        ]
         own_buffers = handle_buffers == "ema_train"  # left to the EMA model's own forward passes
-        self._copied = [n for n in student if n not in self._averaged and (n in params or not own_buffers)]
+        self._copied = [
+            n for n in student if n not in self._averaged and (n in params or not own_buffers or n in excluded)
+        ]
 
-        self._ema_model = self._ema_module(ema_model, student, placed)
+        self._tensors_only = tensors_only
+        self._ema_model = self._ema_module(ema_model, student, placed, tensors_only=tensors_only)
         self._sharded_ema = fsdp_modules(self._ema_model)
-        self._targets = self._ema_tensors(student, copy_student=ema_model is not None, shadow_dtype=shadow_dtype)
+        self._targets = self._ema_tensors(
+            student, copy_student=ema_model is not None, shadow_dtype=shadow_dtype, placed=placed
+        )
 
         # An EMA built beside the student must stay there; one placed on purpose (device=) may be elsewhere.
         self._follows_device = placed is None and all(
@@ -208,15 +288,21 @@ class ModelEMA:
         self._mirror_versions = self._versions()
 
     def _ema_module(
-        self, ema_model: nn.Module | None, student: Mapping[str, Tensor], placed: torch.device | None
+        self,
+        ema_model: nn.Module | None,
+        student: Mapping[str, Tensor],
+        placed: torch.device | None,
+        *,
+        tensors_only: bool,
     ) -> nn.Module | None:
-        """The caller's EMA model, checked; else a frozen deep copy of the student; ``None`` for a sharded one."""
+        """The caller's EMA model, checked; else a frozen deep copy of the student; ``None`` for a sharded one
+        or with ``tensors_only``."""
         if ema_model is not None:
             ema_model = unwrap_model(ema_model)
             _check_initialised(ema_model, "ema_model")
             reshard(fsdp_modules(ema_model))
             _check_caller_ema_model(self.model, ema_model, student)
-        elif not self._specs:
+        elif not self._specs and not tensors_only:
             ema_model = copy_module(self.model, placed)
         if ema_model is not None:
             for param in ema_model.parameters():
@@ -226,15 +312,22 @@ class ModelEMA:
         return ema_model
 
     def _ema_tensors(
-        self, student: Mapping[str, Tensor], *, copy_student: bool, shadow_dtype: torch.dtype | None
+        self,
+        student: Mapping[str, Tensor],
+        *,
+        copy_student: bool,
+        shadow_dtype: torch.dtype | None,
+        placed: torch.device | None,
     ) -> dict[str, Tensor]:
         """Where the EMA's values live, by name (local shards): the EMA model's tensors, or tensors of its own."""
-        if self._ema_model is None:  # shards only: averaged tensors straight in their shadow dtype
+        if self._ema_model is None:  # tensors only: averaged ones straight in their shadow dtype, where placed
             for name in self._averaged:
                 self._shadow_dtype(name, student[name], shadow_dtype)  # all checked before anything is built
             return {
                 n: local(t).to(
-                    dtype=self._shadow_dtype(n, t, shadow_dtype) if n in self._averaged else t.dtype, copy=True
+                    device=placed,
+                    dtype=self._shadow_dtype(n, t, shadow_dtype) if n in self._averaged else t.dtype,
+                    copy=True,
                 )
                 for n, t in student.items()
             }
@@ -276,6 +369,11 @@ class ModelEMA:
         ``ema_model=``, whose EMA holds its shards only (see
         :attr:`has_ema_model`).
         """
+        if self._tensors_only:
+            raise RuntimeError(
+                "this EMA was built with tensors_only=True and holds its tensors only, not a module. Read it through "
+                "swapped(), state_dict() or model_state_dict(), or build it without tensors_only to have a module"
+            )
         if self._ema_model is None:
             raise RuntimeError(
                 "this EMA of a sharded (FSDP2) student holds its shards only, not a module: a sharded module cannot "
@@ -286,7 +384,8 @@ class ModelEMA:
 
     @property
     def has_ema_model(self) -> bool:
-        """Whether :attr:`ema_model` is a module: ``False`` only for a sharded student built without ``ema_model=``."""
+        """Whether :attr:`ema_model` is a module: ``False`` for ``tensors_only=True``, and for a sharded student
+        built without ``ema_model=``."""
         return self._ema_model is not None
 
     @property
@@ -367,23 +466,55 @@ class ModelEMA:
 
     # ------------------------------------------------------------------ updates
 
-    def update(self, momentum: float) -> None:
-        """``ema = (1 - momentum) * ema + momentum * student`` for every averaged tensor; buffers per the mode.
+    def update(self, momentum: float | None = None, *, step: int | None = None) -> float:
+        """One update of the EMA: ``ema = (1 - m) * ema + m * student`` for every averaged tensor, buffers per the
+        mode. Returns the momentum ``m`` applied.
 
-        If the student's tensors were replaced since the last update (a new
-        head, ``load_state_dict(..., assign=True)``, ``param.data = ...``),
-        the EMA follows the new ones, or raises ``ValueError`` naming the first
-        it cannot follow (see :meth:`rebind`).
+        - ``update()``: ``m`` from the schedule at the next step of the EMA's
+          own count (1, 2, 3, ...); call it after each ``optimizer.step()``.
+        - ``update(step=n)``: ``m`` from the schedule at the caller's step
+          ``n``, which must come after the last one; an update ``k`` steps
+          after the previous one forgets as ``k`` one-step updates would.
+        - ``update(m)``: this momentum, now, outside the schedule (its
+          counters do not move); a value above 0.5 that looks like a decay is
+          warned about once.
 
-        Args:
-            momentum: the weight of the student, in [0, 1]; a value above 0.5
-                that looks like a decay is warned about once.
+        Steps up to ``start_iteration`` copy the student (``m`` = 1). If the
+        student's tensors were replaced since the last update (a new head,
+        ``load_state_dict(..., assign=True)``, ``param.data = ...``), the EMA
+        follows the new ones, or raises ``ValueError`` naming the first it
+        cannot follow (see :meth:`rebind`).
         """
-        momentum = check_momentum(momentum)
-        if 0.5 < momentum < 1.0 and "decay" not in self._warned:
-            self._warned.add("decay")
-            warn_if_decay(momentum)
-        self._average(momentum)
+        if momentum is not None:
+            if step is not None:
+                raise ValueError(
+                    f"give a momentum (update({momentum})) or a step of the schedule (update(step={step})), not both"
+                )
+            momentum = check_momentum(momentum)
+            if 0.5 < momentum < 1.0 and "decay" not in self._warned:
+                self._warned.add("decay")
+                warn_if_decay(momentum)
+            self._average(momentum)
+            return momentum
+        if self.schedule is None:
+            raise ValueError(
+                "update() without a momentum needs a schedule: build the EMA with momentum=, decay= or half_life= "
+                "(ModelEMA(model, decay=0.9998), say), or pass each update's momentum: update(0.01)"
+            )
+        step = self.last_step + 1 if step is None else check_count("step", step, minimum=1)
+        if step <= self.last_step:
+            raise ValueError(
+                f"step={step} does not come after the last update's step, {self.last_step}: steps must increase "
+                "(load_state_dict() restores the count of a resumed run)"
+            )
+        momentum = self.schedule(step, self.last_step, self.num_averaged)
+        if step <= self.schedule.start_iteration:
+            self.copy_student()
+        else:
+            self._average(momentum)
+            self.num_averaged += 1
+        self.last_step = step
+        return momentum
 
     def _average(self, momentum: float) -> None:
         """:meth:`update` without its argument's checks: for a caller (the handler) whose schedule checked it."""
@@ -570,7 +701,10 @@ class ModelEMA:
                 tensors[name] = tensor
             elif (whole := self._specs[name].full_on_cpu(tensor, keep=writes)) is not None:
                 tensors[name] = whole
-        return {"handle_buffers": self.handle_buffers, "tensors": tensors}
+        return {"handle_buffers": self.handle_buffers, "tensors": tensors, **self._counters()}
+
+    def _counters(self) -> dict[str, int]:
+        return {"num_averaged": self.num_averaged, "last_update_iteration": self.last_step}
 
     def sharded_state_dict(self, *, copy: bool = False) -> dict[str, Any]:
         """:meth:`state_dict` with sharded tensors as DTensors over this rank's shards: for
@@ -586,7 +720,7 @@ class ModelEMA:
         for name, tensor in self._state.items():
             held = tensor.clone() if copy else tensor
             tensors[name] = self._specs[name].dtensor(held) if name in self._specs else held
-        return {"handle_buffers": self.handle_buffers, "tensors": tensors}
+        return {"handle_buffers": self.handle_buffers, "tensors": tensors, **self._counters()}
 
     def model_state_dict(self) -> dict[str, Tensor]:
         """The EMA's weights and buffers as the model's own ``state_dict()``: whole tensors in the student's dtypes.
@@ -614,6 +748,10 @@ class ModelEMA:
         if not isinstance(state_dict, Mapping):
             raise TypeError(f"expected a mapping from state_dict(); found {type(state_dict).__name__}")
         check_keys(state_dict, STATE_KEYS, "the EMA state")
+        for key in ("num_averaged", "last_update_iteration"):
+            value = state_dict[key]
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"the EMA state's '{key}' must be a non-negative int; found {value!r}")
         if state_dict["handle_buffers"] != self.handle_buffers:
             raise ValueError(
                 f"the state was saved with handle_buffers={state_dict['handle_buffers']!r}, "
@@ -655,7 +793,26 @@ class ModelEMA:
                     target.copy_(self._specs[name].shard_of(tensor, target.device))
                 else:
                     target.copy_(tensor)
+        self.num_averaged = state_dict["num_averaged"]
+        self.last_step = state_dict["last_update_iteration"]
         self._after_write()
+
+
+def _matching(exclude: object, student: Mapping[str, Tensor]) -> set[str]:
+    """The names of ``student`` that ``exclude``'s names or ``fnmatch`` patterns match; each must match one."""
+    patterns = [exclude] if isinstance(exclude, str) else exclude
+    if not isinstance(patterns, Sequence) or not all(isinstance(p, str) for p in patterns):
+        raise TypeError(f"exclude must be a name or pattern, or a sequence of them; found {exclude!r}")
+    matched: set[str] = set()
+    for pattern in patterns:
+        names = fnmatch.filter(student, pattern)
+        if not names:
+            raise ValueError(
+                f"exclude pattern {pattern!r} matches none of the model's tensors (such as "
+                f"{', '.join(list(student)[:3])}): a typo would average what was meant to be copied"
+            )
+        matched.update(names)
+    return matched
 
 
 def with_index(requested: torch.device, student: torch.device) -> torch.device:

@@ -28,6 +28,8 @@ import numbers
 import re
 from dataclasses import dataclass, field
 
+from ignite_ema._checks import check_bool, check_count, check_fraction, check_real, warn_if_decay
+
 __all__ = [
     "HalfLife",
     "MomentumSchedule",
@@ -131,7 +133,12 @@ class HalfLife:
 
 @dataclass(frozen=True)
 class MomentumSchedule:
-    """The momentum of each update, from the counters that the handler keeps.
+    """The momentum of each update, from the counters that :class:`~ignite_ema.ModelEMA` keeps.
+
+    The one place where the schedule's arguments are checked: each has its
+    rule and its message here, for :class:`~ignite_ema.ModelEMA` and the
+    handlers alike. :meth:`of` takes the spellings users write (``decay``, a
+    half-life string, ``mean_teacher_warmup``).
 
     Args:
         momentum: per-update momentum in (0, 1) (used when ``half_life`` is ``None``).
@@ -144,8 +151,8 @@ class MomentumSchedule:
             copy the student (momentum 1); averaging starts after it.
 
     Raises:
-        ValueError: a value out of its range, neither a momentum nor a
-            half-life, or two warm-ups.
+        ValueError, TypeError: a value of the wrong kind or out of its range,
+            neither a momentum nor a half-life, or two warm-ups.
     """
 
     momentum: float | None = None
@@ -161,23 +168,109 @@ class MomentumSchedule:
                 f"a schedule needs exactly one of momentum and half_life; found momentum={self.momentum}, "
                 f"half_life={self.half_life}"
             )
-        if self.momentum is not None and not 0.0 < self.momentum < 1.0:
-            raise ValueError(f"momentum must lie in (0, 1); found {self.momentum}")
-        if self.half_life is not None and not (math.isfinite(self.half_life) and self.half_life > 0):
-            raise ValueError(f"half_life must be positive and finite; found {self.half_life}")
+        if self.momentum is not None:
+            check_fraction("momentum", self.momentum, low_open=True, high_open=True)
+        if self.half_life is not None:
+            half_life = check_real("half_life", self.half_life)
+            if half_life <= 0:
+                raise ValueError(f"half_life must be positive and finite; found {self.half_life}")
         if (self.momentum_warmup is None) != (self.warmup_iters is None):
-            raise ValueError("the linear warm-up needs both momentum_warmup and warmup_iters")
-        if self.momentum_warmup is not None and not 0.0 <= self.momentum_warmup <= 1.0:
-            raise ValueError(f"momentum_warmup must lie in [0, 1]; found {self.momentum_warmup}")
-        if self.warmup_iters is not None and self.warmup_iters < 1:
-            raise ValueError(f"warmup_iters must be at least 1; found {self.warmup_iters}")
+            raise ValueError(
+                "the linear warm-up needs both momentum_warmup and warmup_iters; found "
+                f"momentum_warmup={self.momentum_warmup}, warmup_iters={self.warmup_iters}"
+            )
+        if self.momentum_warmup is not None:
+            check_fraction("momentum_warmup", self.momentum_warmup, low_open=False, high_open=False)
+            check_count("warmup_iters", self.warmup_iters, minimum=1)
         if self.power_warmup is not None:
             if self.momentum_warmup is not None:
-                raise ValueError("choose one warm-up: power_warmup or the linear one (momentum_warmup)")
-            if not all(math.isfinite(v) and v > 0 for v in self.power_warmup):
-                raise ValueError(f"power_warmup (gamma, power) must both be positive; found {self.power_warmup}")
-        if self.start_iteration < 0:
-            raise ValueError(f"start_iteration must be at least 0; found {self.start_iteration}")
+                raise ValueError(
+                    "choose one warm-up: the linear one (momentum_warmup) or power_warmup / mean_teacher_warmup"
+                )
+            if not isinstance(self.power_warmup, (tuple, list)) or len(self.power_warmup) != 2:
+                raise TypeError(f"power_warmup must be a pair (gamma, power); found {self.power_warmup!r}")
+            gamma, power = (
+                check_real(f"power_warmup's {part}", value)
+                for part, value in zip(("gamma", "power"), self.power_warmup, strict=True)
+            )
+            if gamma <= 0 or power <= 0:
+                raise ValueError(f"power_warmup (gamma, power) must both be positive; found {tuple(self.power_warmup)}")
+            object.__setattr__(self, "power_warmup", (gamma, power))  # a list, numpy numbers: a pair of floats
+        check_count("start_iteration", self.start_iteration, minimum=0)
+
+    @classmethod
+    def of(
+        cls,
+        *,
+        momentum: float | None = None,
+        decay: float | None = None,
+        half_life: float | str | None = None,
+        momentum_warmup: float | None = None,
+        warmup_iters: int | None = None,
+        mean_teacher_warmup: bool = False,
+        power_warmup: tuple[float, float] | None = None,
+        start_iteration: int = 0,
+        run: tuple[int | None, int | None] | None = None,
+    ) -> MomentumSchedule | None:
+        """The schedule the arguments users write describe; ``None`` when they give none.
+
+        Args:
+            momentum, decay, half_life: how fast the average forgets, at most
+                one of them: Ignite's momentum, timm's and torch's
+                ``decay = 1 - momentum``, or a half-life (``500``, ``"500it"``;
+                ``"2ep"`` and ``"0.05dur"`` with ``run``). A momentum above 0.5,
+                likely a decay, is warned about.
+            momentum_warmup, warmup_iters, mean_teacher_warmup, power_warmup,
+            start_iteration: the warm-ups and the start phase (see the class),
+                which need one of the three above.
+            run: ``(epoch_length, max_epochs)`` of the run, which resolves a
+                half-life in epochs or in fractions of the run.
+        """
+        given = {k: v for k, v in (("momentum", momentum), ("decay", decay), ("half_life", half_life)) if v is not None}
+        if len(given) > 1:
+            shown = " and ".join(f"{k} ({v!r})" for k, v in given.items())
+            raise ValueError(f"give one of momentum, decay and half_life, not {shown}: each sets how fast it forgets")
+        if check_bool("mean_teacher_warmup", mean_teacher_warmup):
+            if power_warmup is not None:
+                raise ValueError(
+                    "choose one warm-up: power_warmup or mean_teacher_warmup (which is power_warmup=(1, 1))"
+                )
+            power_warmup = (1.0, 1.0)
+        if not given:
+            extras = {
+                "momentum_warmup": momentum_warmup,
+                "warmup_iters": warmup_iters,
+                "power_warmup": power_warmup,
+                "start_iteration": start_iteration or None,
+            }
+            named = [k for k, v in extras.items() if v is not None]
+            if named:
+                raise ValueError(f"{', '.join(named)} needs a schedule to act on: give momentum=, decay= or half_life=")
+            return None
+        if decay is not None:
+            momentum = 1.0 - check_fraction("decay", decay, low_open=True, high_open=True)
+        elif momentum is not None:
+            value = check_fraction("momentum", momentum, low_open=True, high_open=True)
+            if value > 0.5:
+                warn_if_decay(value)
+        iterations = None
+        if half_life is not None:
+            span = HalfLife.parse(half_life)
+            if span.unit != "it" and run is None:
+                raise ValueError(
+                    f"half_life={half_life!r} is in {'epochs' if span.unit == 'ep' else 'fractions of the run'}, "
+                    "which only an engine knows: give it in iterations here (a number, or '500it'), or use "
+                    "ignite_ema.EMAHandler, which resolves it when a run starts"
+                )
+            iterations = span.in_iterations(*run) if run is not None else span.value
+        return cls(
+            momentum=momentum if iterations is None else None,
+            half_life=iterations,
+            momentum_warmup=momentum_warmup,
+            warmup_iters=warmup_iters,
+            power_warmup=power_warmup,
+            start_iteration=start_iteration,
+        )
 
     def __call__(self, iteration: int, last_update_iteration: int, num_averaged: int) -> float:
         """Momentum for an update at ``iteration``.

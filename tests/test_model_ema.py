@@ -463,3 +463,152 @@ def test_ema_model_is_typed_as_a_module_and_says_when_there_is_none() -> None:
     with pytest.raises(RuntimeError, match="holds its shards only, not a module"):
         _ = ema.ema_model
     assert not ema.has_ema_model
+
+
+# ---------------------------------------------------------------------- the plain loop: the EMA's own schedule
+
+
+def _set(model: nn.Linear, value: float) -> None:
+    with torch.no_grad():
+        model.weight.fill_(value)
+
+
+def _plain_loop(momenta: list[float], students: list[float], start: float) -> float:
+    """``ema = (1 - m) * ema + m * student`` by hand, in float64."""
+    ema = start
+    for m, s in zip(momenta, students, strict=True):
+        ema = (1 - m) * ema + m * s
+    return ema
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "momentum_at"),
+    [
+        ({"momentum": 0.1}, lambda step, n: 0.1),
+        ({"decay": 0.9}, lambda step, n: 0.1),
+        ({"half_life": 4}, lambda step, n: 1 - 0.5 ** (1 / 4)),
+        ({"half_life": "4it"}, lambda step, n: 1 - 0.5 ** (1 / 4)),
+        ({"momentum": 0.1, "mean_teacher_warmup": True}, lambda step, n: max(0.1, 1 / (n + 1))),
+        ({"decay": 0.9, "power_warmup": (2.0, 0.5)}, lambda step, n: max(0.1, (1 + n / 2.0) ** -0.5)),
+        ({"momentum": 0.5, "momentum_warmup": 0.0, "warmup_iters": 3}, lambda step, n: min(0.5, 0.25 * (step - 1))),
+        ({"momentum": 0.1, "start_iteration": 2}, lambda step, n: 1.0 if step <= 2 else 0.1),
+    ],
+)
+def test_update_counts_its_own_steps_and_follows_each_schedule(kwargs: dict[str, object], momentum_at) -> None:  # type: ignore[no-untyped-def]
+    model = linear(0.0)
+    ema = ModelEMA(model, **kwargs)  # type: ignore[arg-type]
+    start = kwargs.get("start_iteration", 0)
+    momenta, students, averaged = [], [], 0
+    for step in range(1, 9):
+        _set(model, float(step))
+        applied = ema.update()
+        n = averaged + 1  # the n-th averaging update
+        expected = momentum_at(step, n)
+        assert applied == pytest.approx(expected, rel=1e-12), step
+        momenta.append(expected)
+        students.append(float(step))
+        averaged += step > start  # type: ignore[operator]
+    assert ema.last_step == 8 and ema.num_averaged == averaged
+    torch.testing.assert_close(
+        ema.ema_model.weight.double(), torch.full((1, 2), _plain_loop(momenta, students, 0.0), dtype=torch.float64)
+    )
+
+
+def test_a_gap_of_k_steps_forgets_as_k_single_steps_would() -> None:
+    model = linear(1.0)
+    gapped, stepwise = ModelEMA(model, half_life=10), ModelEMA(model, half_life=10)
+    for _ in range(6):
+        stepwise.update()  # the student does not move: six one-step updates ...
+    applied = gapped.update(step=6)  # ... forget exactly as much as one update six steps in
+    assert applied == pytest.approx(1 - 0.5 ** (6 / 10), rel=1e-12)
+    assert gapped.last_step == stepwise.last_step == 6
+    _set(model, 3.0)
+    gapped.update(step=9)
+    stepwise.update(step=7), stepwise.update(step=8), stepwise.update(step=9)
+    torch.testing.assert_close(gapped.ema_model.weight, stepwise.ema_model.weight, rtol=1e-6, atol=0)
+    with pytest.raises(ValueError, match=r"step=9 does not come after the last update's step, 9"):
+        gapped.update(step=9)
+
+
+def test_a_plain_loop_resumes_bit_for_bit_from_state_dict() -> None:
+    def run(ema: ModelEMA, model: nn.Linear, steps: range) -> None:
+        for step in steps:
+            _set(model, float(step) ** 0.5)
+            ema.update()
+
+    kwargs = {"half_life": 3, "power_warmup": (1.0, 0.75), "start_iteration": 2}
+    model = linear(0.0)
+    whole = ModelEMA(model, **kwargs)  # type: ignore[arg-type]
+    run(whole, model, range(1, 11))
+    first_model = linear(0.0)
+    first = ModelEMA(first_model, **kwargs)  # type: ignore[arg-type]
+    run(first, first_model, range(1, 6))
+    buffer = io.BytesIO()
+    torch.save(first.state_dict(), buffer)
+    buffer.seek(0)
+    resumed_model = linear(0.0)
+    resumed = ModelEMA(resumed_model, **kwargs)  # type: ignore[arg-type]
+    resumed.load_state_dict(torch.load(buffer))
+    assert (resumed.last_step, resumed.num_averaged) == (5, 3)
+    run(resumed, resumed_model, range(6, 11))
+    assert torch.equal(resumed.ema_model.weight, whole.ema_model.weight)
+    assert (resumed.last_step, resumed.num_averaged) == (whole.last_step, whole.num_averaged) == (10, 8)
+
+
+def test_an_explicit_momentum_leaves_the_schedule_alone_and_a_bare_update_needs_one() -> None:
+    model = linear(0.0)
+    ema = ModelEMA(model, decay=0.9)
+    _set(model, 1.0)
+    assert ema.update(0.5) == 0.5
+    assert (ema.last_step, ema.num_averaged) == (0, 0)
+    with pytest.raises(ValueError, match=r"give a momentum \(update\(0.5\)\) or a step"):
+        ema.update(0.5, step=3)
+    bare = ModelEMA(model)
+    with pytest.raises(ValueError, match=r"update\(\) without a momentum needs a schedule: build the EMA with"):
+        bare.update()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"momentum": 0.1, "decay": 0.9}, ValueError, r"not momentum \(0.1\) and decay \(0.9\)"),
+        ({"decay": 1.0}, ValueError, r"Invalid decay: expected a value in \(0, 1\), found 1.0"),
+        ({"half_life": "2ep"}, ValueError, "which only an engine knows: give it in iterations here"),
+        ({"power_warmup": (1.0, 1.0)}, ValueError, "power_warmup needs a schedule to act on"),
+        ({"start_iteration": 5}, ValueError, "start_iteration needs a schedule to act on"),
+        ({"momentum": 0.1, "warmup_iters": 3}, ValueError, "needs both momentum_warmup and warmup_iters"),
+        ({"exclude": "head.*"}, ValueError, "exclude pattern 'head.\\*' matches none of the model's tensors"),
+        ({"exclude": 3}, TypeError, "exclude must be a name or pattern"),
+    ],
+)
+def test_schedule_arguments_are_checked_before_anything_is_built(
+    kwargs: dict[str, object], error: type[Exception], message: str
+) -> None:
+    with pytest.raises(error, match=message):
+        ModelEMA(linear(), **kwargs)  # type: ignore[arg-type]
+
+
+def test_a_decay_spelled_as_a_momentum_is_warned_about_at_construction() -> None:
+    with pytest.warns(UserWarning, match="If 0.999 is a decay"):
+        ModelEMA(linear(), momentum=0.999)
+    with no_warnings():
+        ModelEMA(linear(), decay=0.999)
+
+
+def test_excluded_tensors_are_copied_from_the_student_not_averaged() -> None:
+    model = BNNet()
+    ema = ModelEMA(model, "update", momentum=0.5, exclude=("head.*", "bn.running_var"))
+    assert not any(n.startswith("head.") or n == "bn.running_var" for n in ema.averaged_names)
+    old = {k: v.clone() for k, v in ema.ema_model.state_dict().items()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(2.0)
+        model.bn.running_var.fill_(4.0)
+        model.bn.running_mean.fill_(4.0)
+    ema.update()
+    now = ema.ema_model.state_dict()
+    for name in ("head.weight", "head.bias", "bn.running_var"):  # copied by value
+        assert torch.equal(now[name], model.state_dict()[name]), name
+        assert now[name].data_ptr() != model.state_dict()[name].data_ptr(), name
+    torch.testing.assert_close(now["conv.weight"], old["conv.weight"] + 1.0)  # averaged: halfway
+    torch.testing.assert_close(now["bn.running_mean"], 0.5 * old["bn.running_mean"] + 2.0)

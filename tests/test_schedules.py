@@ -148,10 +148,10 @@ def test_schedule_ramp_never_goes_below_the_target() -> None:
     [
         ({}, "exactly one of momentum and half_life"),
         ({"momentum": 0.1, "half_life": 5.0}, "exactly one of momentum and half_life"),
-        ({"momentum": 1.5}, r"momentum must lie in \(0, 1\); found 1.5"),
-        ({"momentum": -0.1}, "momentum must lie in"),
+        ({"momentum": 1.5}, r"Invalid momentum: expected a value in \(0, 1\), found 1.5"),
+        ({"momentum": -0.1}, "Invalid momentum"),
         ({"half_life": -2.0}, "half_life must be positive"),
-        ({"momentum": 0.1, "momentum_warmup": 2.0, "warmup_iters": 3}, r"momentum_warmup must lie in \[0, 1\]"),
+        ({"momentum": 0.1, "momentum_warmup": 2.0, "warmup_iters": 3}, r"Invalid momentum_warmup: .* \[0, 1\]"),
         ({"momentum": 0.1, "momentum_warmup": 0.5}, "needs both"),
         ({"momentum": 0.1, "power_warmup": (0.0, 1.0)}, "must both be positive"),
         ({"momentum": 0.1, "power_warmup": (1.0, 1.0), "momentum_warmup": 0.5, "warmup_iters": 2}, "choose one"),
