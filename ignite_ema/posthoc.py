@@ -24,7 +24,7 @@ from ignite.engine import CallableEventWithFilter, Engine, Events, EventsList
 from ignite.handlers import DiskSaver
 from torch import Tensor, nn
 
-from ignite_ema._checks import check_count, warn_at_caller
+from ignite_ema._checks import check_count, check_device, check_keys, warn_at_caller
 from ignite_ema._engine import EngineClock, attach_update
 from ignite_ema.model_ema import ModelEMA, named_tensors
 from ignite_ema.posthoc_math import check_sigma_rel, power_momentum, sigma_rel_to_gamma
@@ -79,14 +79,16 @@ class PostHocEMA(Serializable):
             update; the reconstruction takes them from the snapshot at its
             iteration) or ``"update"`` (floating buffers averaged with the
             weights and reconstructed with them; integer ones copied).
+        device: where the EMAs live (the student's device by default): the
+            CPU keeps them off a GPU that the model barely fits.
+
+    Each EMA holds its tensors only, no module (no one runs it during
+    training): averages in float32 for a bf16 or fp16 student (4 bytes a
+    parameter per EMA), other tensors as the student's. Read them with
+    :meth:`model_state_dicts`.
 
     Attributes:
         model: the student, unwrapped.
-        ema_models: one averaged module per ``sigma_rel`` (``requires_grad``
-            off, eval mode), in the student's dtypes, or ``None`` where the
-            :class:`~ignite_ema.ModelEMA` keeps no module of its own; for a
-            bf16 or fp16 student the averages themselves are float32 shadows,
-            which ``state_dict()`` and the snapshots hold.
         sigma_rels, gammas: the widths and their exponents.
         snapshot_dir: where the snapshots go.
 
@@ -111,7 +113,7 @@ class PostHocEMA(Serializable):
         :math:`\tau` to :math:`200 (\gamma + 1) / (\gamma + 2)`, here plus 1 as each
         update stands for the two iterations up to it:
 
-        >>> [round(float(ema.weight), 1) for ema in posthoc.ema_models]   # 189.5 + 1, 177.6 + 1
+        >>> [round(float(ema["weight"]), 1) for ema in posthoc.model_state_dicts()]   # 189.5 + 1, 177.6 + 1
         [190.4, 178.6]
         >>> round(float(ema_015["weight"]), 1)   # 165.0 if the EMA of width 0.15 had been tracked
         165.2
@@ -128,6 +130,7 @@ class PostHocEMA(Serializable):
         snapshot_dir: str | PathLike[str],
         snapshot_dtype: torch.dtype | None = torch.float16,
         handle_buffers: str = "copy",
+        device: torch.device | str | None = None,
     ) -> None:
         self.sigma_rels = _check_sigma_rels(sigma_rels)
         self._snapshot_every = _check_snapshot_every(snapshot_every)
@@ -145,12 +148,10 @@ class PostHocEMA(Serializable):
             )
         if handle_buffers not in ("copy", "update"):
             raise ValueError(f"handle_buffers can only be 'copy' or 'update'; found {handle_buffers!r}")
+        placed = check_device(device)
 
-        self._emas = tuple(ModelEMA(model, handle_buffers) for _ in self.sigma_rels)
+        self._emas = tuple(ModelEMA(model, handle_buffers, device=placed, tensors_only=True) for _ in self.sigma_rels)
         self.model = self._emas[0].model
-        self.ema_models: tuple[nn.Module | None, ...] = tuple(
-            ema.ema_model if ema.has_ema_model else None for ema in self._emas
-        )
         self.gammas = tuple(sigma_rel_to_gamma(s) for s in self.sigma_rels)
         self.handle_buffers = handle_buffers
         self.snapshot_dtype = snapshot_dtype
@@ -289,6 +290,20 @@ class PostHocEMA(Serializable):
         if self._last_snapshot_iteration() < self._clock.last_update:
             self._write_snapshots(self._clock.last_update)
 
+    def model_state_dicts(self) -> list[dict[str, Tensor]]:
+        """Each EMA's weights and buffers now, one per ``sigma_rel``, as the model's own ``state_dict()``.
+
+        ``model.load_state_dict(posthoc.model_state_dicts()[0])`` puts the EMA
+        of the first width into a module of the student's architecture.
+        Tensors are in the student's dtypes (references where that is the
+        EMA's dtype, converted copies of the float32 averages of a bf16
+        student), where the EMAs live; :meth:`state_dict` holds the float32
+        averages themselves. As :meth:`ModelEMA.model_state_dict
+        <ignite_ema.ModelEMA.model_state_dict>`: for a sharded student, a
+        collective.
+        """
+        return [ema.model_state_dict() for ema in self._emas]
+
     def _write_snapshots(self, iteration: int) -> None:
         assert self._saver is not None  # made at STARTED
         for index, (ema, sigma_rel, gamma) in enumerate(zip(self._emas, self.sigma_rels, self.gammas, strict=True)):
@@ -421,6 +436,7 @@ class PostHocEMA(Serializable):
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Restore :meth:`state_dict`. Raises naming what does not fit, before anything changes."""
         super().load_state_dict(state_dict)  # a mapping with every key
+        check_keys(state_dict, self._state_dict_all_req_keys, "the PostHocEMA state")
         if [float(s) for s in state_dict["sigma_rels"]] != list(self.sigma_rels):
             raise ValueError(
                 f"the state was saved by a PostHocEMA with sigma_rels {tuple(state_dict['sigma_rels'])}, this one "

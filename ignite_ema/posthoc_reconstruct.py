@@ -177,14 +177,20 @@ def _add(
     if aligned:  # the same tensors in the same order: converted and added a chunk at a time
         source = buffers[first.buffer][first.offset : first.offset + like.numel()]
         for start in range(0, like.numel(), _CHUNK):
-            values = source[start : start + _CHUNK].to(like.device, like.dtype)
+            values = _moved_then_converted(source[start : start + _CHUNK], like)
             for out, weight in zip(sums, weights, strict=True):
                 out[buffer][start : start + _CHUNK].add_(values, alpha=weight)
         return
     for name in names:  # packed otherwise (another snapshot dtype for some tensors): tensor by tensor
-        value = layout[name].view(buffers).to(like.device, like.dtype)
+        value = _moved_then_converted(layout[name].view(buffers), like)
         for out, weight in zip(sums, weights, strict=True):
             ref_layout[name].view(out).add_(value, alpha=weight)
+
+
+def _moved_then_converted(values: Tensor, like: Tensor) -> Tensor:
+    """``values`` on ``like``'s device in ``like``'s dtype: moved in the stored dtype (float16: half the bytes of
+    float32 over the bus), then converted there. One ``.to(device, dtype)`` would convert on the host first."""
+    return values.to(like.device).to(like.dtype)
 
 
 def _target_iteration(infos: Sequence[SnapshotInfo], iteration: int | None) -> int:

@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from ignite_ema._checks import warn_at_caller
+from ignite_ema.averaging import _wait_for
 
 __all__ = [
     "SNAPSHOT_FORMAT",
@@ -79,6 +80,11 @@ def pack_snapshot(
 ) -> tuple[str, dict[str, Tensor]]:
     """The layout (JSON) and the flat CPU buffers of ``tensors``: real floating averages in ``dtype`` (if given).
 
+    Each tensor is converted where it lives, so that only the stored dtype
+    crosses to the host (half the bytes of float32 for float16). Copies off
+    a GPU go into pinned buffers without blocking, and the host waits once,
+    after the last: the buffers are complete when this returns.
+
     Args:
         tensors: the EMA's tensors by name, in order.
         averaged: the names of those that are averages.
@@ -87,6 +93,7 @@ def pack_snapshot(
     layout: list[list[Any]] = []
     sizes: dict[str, int] = {}
     stored: dict[str, torch.dtype] = {}
+    pinned: set[str] = set()
     for name, tensor in tensors.items():
         kind = AVERAGED if name in averaged else COPIED
         want = dtype if kind == AVERAGED and dtype is not None and tensor.is_floating_point() else tensor.dtype
@@ -94,10 +101,21 @@ def pack_snapshot(
         layout.append([name, buffer, sizes.get(buffer, 0), list(tensor.shape)])
         sizes[buffer] = sizes.get(buffer, 0) + tensor.numel()
         stored[buffer] = want
-    buffers = {b: torch.empty(n, dtype=stored[b]) for b, n in sizes.items()}
+        if tensor.is_cuda:  # an asynchronous copy to the host needs page-locked memory
+            pinned.add(buffer)
+    buffers = {b: torch.empty(n, dtype=stored[b], pin_memory=b in pinned) for b, n in sizes.items()}
+    devices: set[torch.device] = set()
     with torch.no_grad():
         for (_, buffer, offset, _), tensor in zip(layout, tensors.values(), strict=True):
-            buffers[buffer][offset : offset + tensor.numel()].copy_(tensor.reshape(-1))
+            # One converted tensor at a time on the device: the allocator reuses its memory only for work queued
+            # after this copy, on the same stream, so it may be freed before the copy has run.
+            value = tensor.detach().to(stored[buffer]).reshape(-1)
+            remote = value.device.type != "cpu"
+            buffers[buffer][offset : offset + value.numel()].copy_(value, non_blocking=remote)
+            if remote:
+                devices.add(value.device)
+    for device in devices:  # the copies have landed before anyone reads the buffers
+        _wait_for(device)
     return json.dumps(layout), buffers
 
 

@@ -80,7 +80,7 @@ def run_phase(phase: str, workdir: Path) -> dict[str, object] | None:
         trainer.run(range(EPOCH_LENGTH), max_epochs=MAX_EPOCHS)
     return {
         "state": posthoc.state_dict(),
-        "ema_models": [m.state_dict() for m in posthoc.ema_models],
+        "ema_models": posthoc.model_state_dicts(),
         "momenta": momenta,
         "warnings": [str(w.message) for w in caught],
     }

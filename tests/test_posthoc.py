@@ -25,6 +25,8 @@ import torch
 from ignite.engine import Engine, Events
 from scipy import integrate
 from torch import Tensor, nn
+from torch.profiler import ProfilerActivity, profile
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from examples.posthoc.digits import GRID
 from ignite_ema import (
@@ -36,10 +38,13 @@ from ignite_ema import (
     reconstruct_from_snapshots,
     sigma_rel_to_gamma,
 )
+from ignite_ema.posthoc_reconstruct import _add
+from ignite_ema.posthoc_snapshots import Slot, pack_snapshot
 from tests.helpers import BNNet, image_batches, no_warnings
 from tests.posthoc_resume_job import run_phase
 
 ROOT = Path(__file__).resolve().parents[1]
+CPU = torch.device("cpu")
 T = 2000  # iterations of the trajectory runs
 _WAVES = ((0.5, 0.3), (1.0, 1.0), (2.0, 0.1), (3.0, 2.0), (0.25, 0.7), (1.5, 2.5))  # (cycles per run, phase)
 
@@ -132,9 +137,9 @@ def test_the_power_emas_follow_their_closed_form(tmp_path: Path, every: int) -> 
 
     times = list(range(every, 1001, every))
     values = [trajectory(t) for t in times]
-    for ema, gamma in zip(posthoc.ema_models, (16.972198602303, 6.937203937602), strict=True):
+    for ema, gamma in zip(posthoc.model_state_dicts(), (16.972198602303, 6.937203937602), strict=True):
         want = power_ema(values, times, gamma)
-        torch.testing.assert_close(ema.weight.detach()[0], want, rtol=0, atol=1e-10)
+        torch.testing.assert_close(ema["weight"][0], want, rtol=0, atol=1e-10)
     # The published momenta: 1 (a copy) first, then 1 - (1 - delta / t)^(gamma + 1).
     assert seen[0] == (every, (1.0, 1.0))
     t = seen[-1][0]
@@ -175,9 +180,9 @@ def test_the_first_update_copies_the_student_whatever_the_event_period(tmp_path:
     posthoc.attach(trainer, event=Events.ITERATION_COMPLETED(every=3))
     trainer.run(range(30), max_epochs=1)
     times = list(range(3, 31, 3))
-    for ema, sigma in zip(posthoc.ema_models, (0.05, 0.10), strict=True):
+    for ema, sigma in zip(posthoc.model_state_dicts(), (0.05, 0.10), strict=True):
         want = power_ema([trajectory(t) for t in times], times, sigma_rel_to_gamma(sigma))
-        torch.testing.assert_close(ema.weight.detach()[0], want, rtol=0, atol=1e-12)
+        torch.testing.assert_close(ema["weight"][0], want, rtol=0, atol=1e-12)
 
 
 def test_a_trainer_rolled_back_to_an_earlier_iteration_continues_the_handlers_clock(tmp_path: Path) -> None:
@@ -204,9 +209,9 @@ def test_a_trainer_rolled_back_to_an_earlier_iteration_continues_the_handlers_cl
     times = (4, 8, 10, 12, 16, 20, 24, 28, 32, 35)  # each multiple of 4, and the end of each completed run
     assert [(i.iteration, i.index) for i in posthoc.snapshots] == [(t, k) for t in times for k in (0, 1)]
     values = [trajectory(n, 35) for n in range(1, 36)]
-    for ema, sigma in zip(posthoc.ema_models, (0.05, 0.10), strict=True):
+    for ema, sigma in zip(posthoc.model_state_dicts(), (0.05, 0.10), strict=True):
         gamma = sigma_rel_to_gamma(sigma)
-        torch.testing.assert_close(ema.weight.detach()[0], power_ema(values, range(1, 36), gamma), rtol=0, atol=1e-12)
+        torch.testing.assert_close(ema["weight"][0], power_ema(values, range(1, 36), gamma), rtol=0, atol=1e-12)
     assert trainer.state.posthoc_momentum == pytest.approx(
         tuple(1 - (34 / 35) ** (sigma_rel_to_gamma(s) + 1) for s in (0.05, 0.10))
     )
@@ -246,7 +251,7 @@ def _tracked_run(tmp_path: Path, snapshot_every: int, snapshot_dtype: torch.dtyp
     kept: dict[int, list[Tensor]] = {}
 
     def keep(engine: Engine) -> None:
-        kept[engine.state.iteration] = [m.weight.detach()[0].clone() for m in posthoc.ema_models]
+        kept[engine.state.iteration] = [m["weight"][0].clone() for m in posthoc.model_state_dicts()]
 
     trainer.add_event_handler(Events.ITERATION_COMPLETED(once=1000), keep)
     trainer.add_event_handler(Events.COMPLETED, keep)
@@ -375,9 +380,9 @@ def test_buffers_follow_the_mode(tmp_path: Path) -> None:
     assert not torch.allclose(got["bn.running_mean"], model.bn.running_mean, atol=1e-3)  # averaged instead
     # averaged like the weights: the power EMA of the student's statistics after each of the 30 iterations
     want = power_ema(means["update"], list(range(1, 31)), sigma_rel_to_gamma(0.10)).float()
-    torch.testing.assert_close(posthoc.ema_models[1].bn.running_mean, want, rtol=1e-5, atol=1e-6)
+    live = posthoc.model_state_dicts()[1]["bn.running_mean"]
+    torch.testing.assert_close(live, want, rtol=1e-5, atol=1e-6)
     tracked = posthoc.reconstruct(0.10)["bn.running_mean"]
-    live = posthoc.ema_models[1].bn.running_mean
     assert ((tracked - live).abs() <= 2.0**-11 * live.abs() + 1e-9).all()
 
 
@@ -514,6 +519,97 @@ def test_a_reconstruction_that_does_not_fit_changes_no_tensor_of_the_model(
     assert all(torch.equal(t, tensors[n].to(t.dtype)) for n, t in model.state_dict().items())
 
 
+# ---------------------------------------------------------------------- memory, and what crosses devices
+
+
+def _bytes_kept(build: Callable[[], object]) -> int:
+    """Bytes the CPU allocator handed out while ``build`` ran and that are still held (the profiler's memory
+    events, allocations less frees, summed over the outermost operators)."""
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        build()
+    return sum(event.cpu_memory_usage for event in prof.events() if event.cpu_parent is None)
+
+
+def test_the_emas_keep_their_float32_averages_alone_where_device_says(tmp_path: Path) -> None:
+    # A bf16 student: each EMA is its float32 average, 4 bytes a parameter; a bf16 module beside it, which no one
+    # runs, was 2 more (12 bytes a parameter for two EMAs).
+    model = nn.Sequential(nn.Linear(128, 128), nn.BatchNorm1d(128), nn.Linear(128, 64)).to(torch.bfloat16)
+    tensors = list(itertools.chain(model.parameters(), model.buffers()))
+    floating = sum(t.numel() for t in tensors if t.is_floating_point())
+    integers = sum(t.numel() * t.element_size() for t in tensors if not t.is_floating_point())  # copied as they are
+    held: list[PostHocEMA] = []
+
+    def build() -> None:
+        held.append(
+            PostHocEMA(
+                model, (0.05, 0.10), snapshot_every=10, snapshot_dir=tmp_path, handle_buffers="update", device="cpu"
+            )
+        )
+
+    kept = _bytes_kept(build)
+    assert kept == 2 * (4 * floating + integers), kept / floating  # 8 bytes a parameter for two EMAs, not 12
+    (posthoc,) = held
+    for state in posthoc.state_dict()["emas"]:  # what an EMA holds is its state, nothing more
+        saved = state["tensors"]
+        assert sum(t.element_size() * t.numel() for t in saved.values()) == 4 * floating + integers
+        assert {t.device for t in saved.values()} == {CPU}
+        assert all(t.dtype == torch.float32 for t in saved.values() if t.is_floating_point())
+    for exported in posthoc.model_state_dicts():  # the model's own state_dict, in its dtypes
+        assert exported.keys() == model.state_dict().keys()
+        assert all(torch.equal(exported[k], v) and exported[k].dtype == v.dtype for k, v in model.state_dict().items())
+
+
+class _CrossingLog(TorchDispatchMode):
+    """Every copy and conversion: (operator, source device, source dtype, result device, result dtype)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[tuple[str, torch.device, torch.dtype, torch.device, torch.dtype]] = []
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        if func in (torch.ops.aten._to_copy.default, torch.ops.aten.copy_.default):
+            source = args[1] if func is torch.ops.aten.copy_.default else args[0]
+            self.ops.append((func.__name__, source.device, source.dtype, out.device, out.dtype))
+        return out
+
+
+def test_a_snapshot_converts_each_tensor_where_it_lives_before_it_moves(tmp_path: Path) -> None:
+    # On a GPU the float32 -> float16 conversion must run there, so that half the bytes cross to the host; on a
+    # CPU the order still shows: the copies into the snapshot's buffers convert nothing.
+    torch.manual_seed(0)
+    tensors = {"w": torch.randn(5, 3), "b": torch.randn(3), "steps": torch.tensor(7), "odd": torch.randn(4, 4).t()}
+    with _CrossingLog() as log:
+        layout, buffers = pack_snapshot(tensors, ("w", "b", "odd"), torch.float16)
+    copies = [op for op in log.ops if op[0].startswith("copy_")]
+    assert len(copies) == 4 and all(src_dtype == dst_dtype for _, _, src_dtype, _, dst_dtype in copies), copies
+    conversions = [op for op in log.ops if op[0].startswith("_to_copy") and op[2] != op[4]]
+    assert conversions == [("_to_copy.default", CPU, torch.float32, CPU, torch.float16)] * 3  # where the EMA is
+    assert all(not b.is_pinned() for b in buffers.values())  # pinned memory only to receive from a GPU
+    stored = {n: slot.view(buffers) for n, b, o, s in json.loads(layout) for slot in [Slot(b, o, tuple(s))]}
+    for name, tensor in tensors.items():  # the values: each tensor converted on its own, bit for bit
+        want = tensor.to(torch.float16) if name != "steps" else tensor
+        assert stored[name].dtype == want.dtype and torch.equal(stored[name], want), name
+
+
+def test_a_reconstruction_moves_the_stored_dtype_and_converts_on_the_target_device() -> None:
+    # "meta" stands for a GPU: nothing that crosses to it is converted on the way (the host would convert it, and
+    # copy float32, twice the bytes of float16); both ways of adding up a snapshot, aligned and by name.
+    torch.manual_seed(0)
+    tensors = {"a": torch.randn(6), "b": torch.randn(2, 2)}
+    ref_layout, _ = pack_snapshot(tensors, ("a", "b"), torch.float16)
+    layout, buffers = pack_snapshot(dict(reversed(tensors.items())), ("a", "b"), torch.float16)
+    slots = {n: Slot(b, o, tuple(s)) for n, b, o, s in json.loads(ref_layout)}
+    reversed_slots = {n: Slot(b, o, tuple(s)) for n, b, o, s in json.loads(layout)}
+    for ref, this, buffer_of in ((slots, slots, "aligned"), (slots, reversed_slots, "by name")):
+        sums = [{"averaged/float16": torch.zeros(10, device="meta")}]
+        with _CrossingLog() as log:
+            _add(sums, [1.0], "averaged/float16", ["a", "b"], ref, this, buffers)
+        crossings = [op for op in log.ops if op[1] != op[3]]
+        assert crossings and all(op[2] == op[4] == torch.float16 for op in crossings), (buffer_of, log.ops)
+        assert any(op[1] == op[3] == torch.device("meta") and op[4] == torch.float32 for op in log.ops), buffer_of
+
+
 # ---------------------------------------------------------------------- bad input
 
 
@@ -560,6 +656,8 @@ def test_bad_arguments_are_refused_before_anything_is_built(tmp_path: Path) -> N
         ({"snapshot_dtype": torch.int8}, TypeError, "snapshot_dtype must be a floating torch.dtype"),
         ({"handle_buffers": "ema_train"}, ValueError, "post-hoc EMAs run none"),
         ({"handle_buffers": "avg"}, ValueError, "can only be 'copy' or 'update'; found 'avg'"),
+        ({"device": 2.5}, TypeError, "device must be a torch.device, a string like 'cuda:0' or 'cpu', or None"),
+        ({"device": "meta"}, ValueError, "device='meta' holds no values"),
     ]
     for change, error, match in cases:
         arguments: dict[str, object] = {
@@ -614,10 +712,13 @@ def test_load_state_dict_is_all_or_nothing(tmp_path: Path) -> None:
         other.load_state_dict(state)
     same = PostHocEMA(student(), snapshot_every=10, snapshot_dir=tmp_path / "b")
     broken = {**state, "emas": [state["emas"][0], {**state["emas"][1], "tensors": {}}]}
-    before = same.ema_models[0].weight.detach().clone()
+    before = same.model_state_dicts()[0]["weight"].clone()
     with pytest.raises(ValueError, match="has no tensor 'weight'"):
         same.load_state_dict(broken)
-    assert torch.equal(same.ema_models[0].weight.detach(), before) and same.snapshots == []
+    assert torch.equal(same.model_state_dicts()[0]["weight"], before) and same.snapshots == []
+    with pytest.raises(ValueError, match=r"unexpected \['every'\]. Nothing was loaded"):
+        same.load_state_dict({**state, "every": 10})
+    assert torch.equal(same.model_state_dicts()[0]["weight"], before) and same.snapshots == []
     same.load_state_dict(state)
     assert [i.iteration for i in same.snapshots] == [10, 10, 20, 20, 25, 25]  # and the run's end
 
@@ -637,7 +738,7 @@ def test_a_state_whose_snapshot_entries_do_not_fit_changes_nothing(tmp_path: Pat
     other.attach(other_trainer)
     other_trainer.run(range(15), max_epochs=1)
     before = copy.deepcopy(other.state_dict())
-    live = [m.weight.detach().clone() for m in other.ema_models]
+    live = [m["weight"].clone() for m in other.model_state_dicts()]
     cases = [
         ([*records[:-1], {**records[-1], "index": 2}], "is not of an EMA that this PostHocEMA tracks"),
         (
@@ -656,9 +757,9 @@ def test_a_state_whose_snapshot_entries_do_not_fit_changes_nothing(tmp_path: Pat
         assert all(after[k] == before[k] for k in ("last_update_iteration", "iteration_offset")), match
         for got, want in zip(after["emas"], before["emas"], strict=True):
             assert torch.equal(got["tensors"]["weight"], want["tensors"]["weight"]), match
-        assert all(torch.equal(m.weight, w) for m, w in zip(other.ema_models, live, strict=True)), match
+        assert all(torch.equal(m["weight"], w) for m, w in zip(other.model_state_dicts(), live, strict=True)), match
     other.load_state_dict(state)  # the state itself loads
-    assert torch.equal(other.ema_models[0].weight, posthoc.ema_models[0].weight)
+    assert torch.equal(other.model_state_dicts()[0]["weight"], posthoc.model_state_dicts()[0]["weight"])
 
 
 # ---------------------------------------------------------------------- resume

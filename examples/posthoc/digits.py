@@ -136,7 +136,8 @@ def train(config: Config, snapshot_dir: Path, progress: bool = True) -> tuple[Re
     start = time.perf_counter()
     trainer.run(list(labelled_batches(split, config)), max_epochs=1)
     results = Results(config, student=evaluate(student, split), train_seconds=time.perf_counter() - start)
-    results.tracked = {s: evaluate(_module(m), split) for s, m in zip(TRACKED, posthoc.ema_models, strict=True)}
+    tracked = posthoc.model_state_dicts()  # its EMAs keep tensors only: each is loaded into a model to evaluate it
+    results.tracked = {s: evaluate(_loaded(state), split) for s, state in zip(TRACKED, tracked, strict=True)}
     results.direct = {s: evaluate(_module(h.ema_model), split) for s, h in direct.items()}
     results.snapshots = len(posthoc.snapshots)
     results.snapshot_bytes = sum(info.path.stat().st_size for info in posthoc.snapshots)
@@ -146,6 +147,12 @@ def train(config: Config, snapshot_dir: Path, progress: bool = True) -> tuple[Re
 def _module(ema_model: nn.Module | None) -> nn.Module:
     assert ema_model is not None  # an unsharded student: its EMAs keep a module
     return ema_model
+
+
+def _loaded(state: dict[str, Tensor]) -> nn.Module:
+    model = small_convnet()
+    model.load_state_dict(state)
+    return model
 
 
 def reconstruct_grid(results: Results, split: DigitsSplit, snapshot_dir: Path, grid: Sequence[float]) -> None:

@@ -73,7 +73,7 @@ def posthoc_weights(sigma_rel: float, iterations: int, every: int) -> Tensor:
         posthoc = PostHocEMA(probe, (sigma_rel,), snapshot_every=iterations, snapshot_dir=snapshots)
         posthoc.attach(trainer, event=Events.ITERATION_COMPLETED(every=every))
         trainer.run(range(iterations), max_epochs=1)
-    return _weight_row(posthoc.ema_models[0])
+    return posthoc.model_state_dicts()[0]["weight"][0].clone()
 
 
 def ema_handler_weights(sigma_rel: float, iterations: int) -> Tensor:
