@@ -140,7 +140,7 @@ def forward_hook_cost(settings: Settings) -> dict[str, float]:
     """
     from ignite.engine import Engine
 
-    from ignite_ema.handler import _ForwardProbe
+    from ignite_ema.handlers.ema_handler import _ForwardProbe
 
     x = torch.randn(1, 1)
     plain, hooked = nn.Linear(1, 1), nn.Linear(1, 1)

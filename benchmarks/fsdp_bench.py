@@ -30,7 +30,8 @@ from benchmarks.contenders import MOMENTUM
 from benchmarks.measure import Settings, interleaved, mean_call_seconds, median, use_cpu_clock
 from benchmarks.models import MODELS
 from benchmarks.report import paired_ratio, print_table, us
-from ignite_ema import ModelEMA, run_on_processes
+from ignite_ema import ModelEMA
+from ignite_ema._launch import run_on_processes
 from ignite_ema.distributed import local, world_size
 
 OURS, FLOOR, GATHER = "ignite_ema shard-local", "floor: _foreach_lerp_ over the local shards", "gather per update"

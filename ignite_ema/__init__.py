@@ -15,25 +15,26 @@ from ignite_ema.model_ema import ModelEMA, named_tensors, unwrap_model
 from ignite_ema.schedules import HalfLife, MomentumSchedule
 
 if TYPE_CHECKING:
-    from ignite_ema.batchnorm import BNRecalibration, frozen_bn_stats, recalibrate_bn
-    from ignite_ema.handler import EMAHandler
-    from ignite_ema.launch import run_on_processes
-    from ignite_ema.posthoc import PostHocEMA
-    from ignite_ema.posthoc_math import gamma_to_sigma_rel, power_momentum, sigma_rel_to_gamma
-    from ignite_ema.posthoc_reconstruct import load_reconstruction, reconstruct_from_snapshots
-    from ignite_ema.posthoc_snapshots import SnapshotInfo, list_snapshots, load_snapshot
+    from ignite_ema.batchnorm import frozen_bn_stats, recalibrate_bn
+    from ignite_ema.handlers.bn_recalibration import BNRecalibration
+    from ignite_ema.handlers.ema_handler import EMAHandler
+    from ignite_ema.posthoc.handler import PostHocEMA
+    from ignite_ema.posthoc.power import gamma_to_sigma_rel, power_momentum, sigma_rel_to_gamma
+    from ignite_ema.posthoc.reconstruct import load_reconstruction, reconstruct_from_snapshots
+    from ignite_ema.posthoc.snapshots import SnapshotInfo, list_snapshots, load_snapshot
 
 __version__ = "0.1.0"
 
-# Public names whose modules import Ignite (or numpy), by module: imported on first access.
+# Public names imported on first access, by module: the Ignite adapters (so that the core imports without Ignite)
+# and the rest that a user of ModelEMA alone does not need to load.
 _LAZY = {
-    "ignite_ema.batchnorm": ("BNRecalibration", "frozen_bn_stats", "recalibrate_bn"),
-    "ignite_ema.handler": ("EMAHandler",),
-    "ignite_ema.launch": ("run_on_processes",),
-    "ignite_ema.posthoc": ("PostHocEMA",),
-    "ignite_ema.posthoc_math": ("gamma_to_sigma_rel", "power_momentum", "sigma_rel_to_gamma"),
-    "ignite_ema.posthoc_reconstruct": ("load_reconstruction", "reconstruct_from_snapshots"),
-    "ignite_ema.posthoc_snapshots": ("SnapshotInfo", "list_snapshots", "load_snapshot"),
+    "ignite_ema.batchnorm": ("frozen_bn_stats", "recalibrate_bn"),
+    "ignite_ema.handlers.bn_recalibration": ("BNRecalibration",),
+    "ignite_ema.handlers.ema_handler": ("EMAHandler",),
+    "ignite_ema.posthoc.handler": ("PostHocEMA",),
+    "ignite_ema.posthoc.power": ("gamma_to_sigma_rel", "power_momentum", "sigma_rel_to_gamma"),
+    "ignite_ema.posthoc.reconstruct": ("load_reconstruction", "reconstruct_from_snapshots"),
+    "ignite_ema.posthoc.snapshots": ("SnapshotInfo", "list_snapshots", "load_snapshot"),
 }
 _MODULE_OF = {name: module for module, names in _LAZY.items() for name in names}
 
@@ -69,7 +70,6 @@ __all__ = [
     "power_momentum",
     "recalibrate_bn",
     "reconstruct_from_snapshots",
-    "run_on_processes",
     "sigma_rel_to_gamma",
     "unwrap_model",
 ]

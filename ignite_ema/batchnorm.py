@@ -8,8 +8,8 @@
 Both act on every layer with running statistics: the ``BatchNorm`` flavours
 (``_BatchNorm``: 1d/2d/3d, lazy, ``SyncBatchNorm``) and ``InstanceNorm``
 layers built with ``track_running_stats=True``.
-- :class:`BNRecalibration`: :func:`recalibrate_bn` as an Ignite handler, e.g. for
-  an EMA model before each evaluation.
+Their Ignite handler, :class:`~ignite_ema.BNRecalibration`, lives in
+:mod:`ignite_ema.handlers.bn_recalibration`; nothing here imports Ignite.
 """
 
 from __future__ import annotations
@@ -20,15 +20,14 @@ from contextlib import contextmanager
 from typing import Any, TypeAlias
 
 import torch
-from ignite.engine import CallableEventWithFilter, Engine, Events, EventsList
-from ignite.utils import convert_tensor
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
 from torch.nn.modules.instancenorm import _InstanceNorm
 from torch.nn.modules.lazy import LazyModuleMixin
+from torch.utils._pytree import tree_map
 from torch.utils.hooks import RemovableHandle
 
-__all__ = ["BNRecalibration", "ForwardFn", "InputKey", "frozen_bn_stats", "recalibrate_bn"]
+__all__ = ["ForwardFn", "InputKey", "check_recalibration", "frozen_bn_stats", "recalibrate_bn"]
 
 #: Where the model input is in a batch: ``None`` (the batch itself if it is a
 #: tensor, its first element if it is a tuple or list), an index into a tuple or
@@ -207,10 +206,7 @@ def recalibrate_bn(
         >>> model[0].momentum, model.training
         (0.1, False)
     """
-    _check_num_batches(num_batches)
-    _check_input_key(input_key)
-    _check_forward_fn(forward_fn, input_key, device)
-    layers = _layers_with_statistics(model)
+    layers = check_recalibration(model, num_batches, input_key, device, forward_fn)
     if device is None:
         device = _model_device(model)
 
@@ -235,7 +231,7 @@ def recalibrate_bn(
                 if forward_fn is not None:
                     forward_fn(model, batch)
                 else:
-                    model(convert_tensor(_select_input(batch, input_key, used), device=device))
+                    model(_to_device(_select_input(batch, input_key, used), device))
                 used += 1
         if used == 0:
             raise ValueError(
@@ -255,6 +251,23 @@ def recalibrate_bn(
         for module, training in modes:
             module.training = training
     return used
+
+
+def check_recalibration(
+    model: nn.Module, num_batches: object, input_key: object, device: object, forward_fn: object
+) -> list[_NormBase]:
+    """Check :func:`recalibrate_bn`'s arguments (for it and its Ignite handler); returns the layers it re-estimates."""
+    _check_num_batches(num_batches)
+    _check_input_key(input_key)
+    _check_forward_fn(forward_fn, input_key, device)
+    return _layers_with_statistics(model)
+
+
+def _to_device(inputs: Any, device: str | torch.device | None) -> Any:
+    """``inputs`` with every tensor in it (tuples, lists, dicts of them too) on ``device``; as it is for ``None``."""
+    if device is None:
+        return inputs
+    return tree_map(lambda x: x.to(device) if isinstance(x, Tensor) else x, inputs)
 
 
 def _layers_with_statistics(model: nn.Module) -> list[_NormBase]:
@@ -353,98 +366,4 @@ def _check_input_key(input_key: object) -> None:
         raise TypeError(
             "input_key must be None, an int index, a str key or a function batch -> input; "
             f"found {type(input_key).__name__} {input_key!r}"
-        )
-
-
-# --------------------------------------------------------------------------- Ignite handler
-
-
-class BNRecalibration:
-    """Re-estimate a model's BatchNorm statistics on training batches at an event of an Ignite engine.
-
-    Calls :func:`recalibrate_bn` on ``model`` (typically
-    ``ema_handler.ema_model``) with a fresh pass over ``data`` each time, and
-    leaves the model's train/eval mode as it was. Attach it to the trainer
-    *before* the handler that runs the evaluator on the same event: handlers
-    of one event run in the order they were added.
-
-    Args:
-        model: the model to recalibrate.
-        data: a re-iterable source of batches (a ``DataLoader``, a list), not
-            an iterator: each call iterates it afresh, so with a shuffling
-            loader and ``num_batches`` each call sees other batches.
-        num_batches: use at most this many batches per call (all by default).
-
-    Keyword Args:
-        input_key: where the model input is in a batch; see :func:`recalibrate_bn`.
-        device: device for the inputs; the model's by default.
-        forward_fn: ``forward_fn(model, batch)`` instead of ``input_key`` and
-            ``device``; see :func:`recalibrate_bn`.
-
-    Example:
-
-        >>> import torch
-        >>> from ignite.engine import Engine, Events
-        >>> from ignite_ema import EMAHandler
-        >>> from ignite_ema.batchnorm import BNRecalibration
-        >>> model = torch.nn.Sequential(torch.nn.Linear(1, 1), torch.nn.BatchNorm1d(1))
-        >>> _ = torch.nn.init.ones_(model[0].weight); _ = torch.nn.init.zeros_(model[0].bias)
-        >>> batches = [torch.tensor([[0.0], [2.0]]), torch.tensor([[4.0], [6.0]])]
-        >>> trainer = Engine(lambda engine, batch: None)   # stands for a training step
-        >>> ema = EMAHandler(model, momentum=0.5)
-        >>> ema.attach(trainer)
-        >>> BNRecalibration(ema.ema_model, batches).attach(trainer, event=Events.EPOCH_COMPLETED)
-        >>> # trainer.add_event_handler(Events.EPOCH_COMPLETED, lambda: evaluator.run(val_loader))
-        >>> _ = trainer.run(batches, max_epochs=1)
-        >>> ema.ema_model[1].running_mean, ema.ema_model.training
-        (tensor([3.]), False)
-    """
-
-    def __init__(
-        self,
-        model: nn.Module,
-        data: Iterable[Any],
-        num_batches: int | None = None,
-        *,
-        input_key: InputKey = None,
-        device: str | torch.device | None = None,
-        forward_fn: ForwardFn | None = None,
-    ) -> None:
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"BNRecalibration expects a torch.nn.Module; found {type(model).__name__}")
-        if isinstance(data, Iterator) or not isinstance(data, Iterable):
-            raise TypeError(
-                f"data must be re-iterable (a DataLoader, a list); found {type(data).__name__}, which "
-                "would be empty from the second call on. Pass the loader itself, not iter(loader)"
-            )
-        _check_num_batches(num_batches)
-        _check_input_key(input_key)
-        _check_forward_fn(forward_fn, input_key, device)
-        _layers_with_statistics(model)
-        self.model = model
-        self.data = data
-        self.num_batches = num_batches
-        self.input_key = input_key
-        self.device = device
-        self.forward_fn = forward_fn
-
-    def attach(
-        self,
-        engine: Engine,
-        event: str | Events | CallableEventWithFilter | EventsList = Events.EPOCH_COMPLETED,
-    ) -> None:
-        """Recalibrate on ``event`` of ``engine``; attach before the evaluator's handler of that event."""
-        if not isinstance(engine, Engine):
-            raise TypeError(f"attach expects an ignite Engine; found {type(engine).__name__}")
-        engine.add_event_handler(event, self)
-
-    def __call__(self, engine: Engine | None = None) -> int:
-        """Recalibrate now; returns the number of batches used."""
-        return recalibrate_bn(
-            self.model,
-            self.data,
-            self.num_batches,
-            input_key=self.input_key,
-            device=self.device,
-            forward_fn=self.forward_fn,
         )

@@ -12,8 +12,9 @@ from ignite.engine import Engine, Events
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ignite_ema.batchnorm import BNRecalibration, frozen_bn_stats, recalibrate_bn
-from ignite_ema.handler import EMAHandler
+from ignite_ema import BNRecalibration
+from ignite_ema.batchnorm import frozen_bn_stats, recalibrate_bn
+from ignite_ema.handlers.ema_handler import EMAHandler
 
 # --------------------------------------------------------------------------- helpers
 

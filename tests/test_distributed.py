@@ -1,7 +1,7 @@
 """EMAHandler under torch.distributed, through ignite.distributed: 2 real gloo processes on the CPU.
 
 The workers (``_ddp_worker``, ``_sync_worker``, ...) run in processes started by
-``ignite_ema.run_on_processes`` (``idist.Parallel(backend="gloo")``);
+``ignite_ema._launch.run_on_processes`` (``idist.Parallel(backend="gloo")``);
 each returns what it saw, and the test process checks the ranks' results
 against each other and against references computed here.
 """
@@ -21,7 +21,8 @@ from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint, DiskSaver
 from torch import nn
 
-from ignite_ema import EMAHandler, run_on_processes
+from ignite_ema import EMAHandler
+from ignite_ema._launch import run_on_processes
 from tests.helpers import BNNet, clone_state
 
 ITERATIONS = 8

@@ -1,6 +1,6 @@
 """The EMA of an FSDP2 student: 2 real gloo processes on the CPU, real ``fully_shard``.
 
-Workers run in processes started by ``ignite_ema.run_on_processes``; each
+Workers run in processes started by ``ignite_ema._launch.run_on_processes``; each
 returns what it saw (whole tensors), and the test process checks it against
 references: an EMA computed here by a plain loop from the gathered student
 (``full_tensor()``) at every step, and unsharded copies of the model.
@@ -32,7 +32,8 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, Shard
 
-from ignite_ema import EMAHandler, ModelEMA, run_on_processes
+from ignite_ema import EMAHandler, ModelEMA
+from ignite_ema._launch import run_on_processes
 from tests.helpers import assert_same_state
 
 pytestmark = pytest.mark.slow

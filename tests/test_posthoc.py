@@ -38,8 +38,8 @@ from ignite_ema import (
     reconstruct_from_snapshots,
     sigma_rel_to_gamma,
 )
-from ignite_ema.posthoc_reconstruct import _add
-from ignite_ema.posthoc_snapshots import Slot, pack_snapshot
+from ignite_ema.posthoc.reconstruct import _add
+from ignite_ema.posthoc.snapshots import Slot, pack_snapshot
 from tests.helpers import BNNet, image_batches, no_warnings
 from tests.posthoc_resume_job import run_phase
 

@@ -22,7 +22,8 @@ from ignite.metrics import Accuracy
 from torch import Tensor, nn
 
 from examples.mean_teacher.trainer import create_mean_teacher_trainer
-from ignite_ema import EMAHandler, run_on_processes, unwrap_model
+from ignite_ema import EMAHandler, unwrap_model
+from ignite_ema._launch import run_on_processes  # a helper of the examples and tests, not public API
 
 RUNS = ("supervised", "copy", "update", "ema_train")
 

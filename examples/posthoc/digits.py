@@ -40,7 +40,7 @@ from ignite_ema import (
     reconstruct_from_snapshots,
     sigma_rel_to_gamma,
 )
-from ignite_ema.posthoc_math import profile_inner_products, synthesis_coefficients
+from ignite_ema.posthoc.power import profile_inner_products, synthesis_coefficients
 
 TRACKED = (0.05, 0.10)
 DIRECT = (0.03, 0.15, 0.25)  # trained directly with EMAHandler, not tracked by PostHocEMA

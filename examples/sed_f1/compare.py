@@ -28,7 +28,7 @@ from ignite.handlers import ProgressBar
 from examples.sed_f1 import audio, data, features
 from examples.sed_f1.data import SEDData, load_npz_dir, save_npz_dir, synthesize
 from examples.sed_f1.experiment import RunResult, TrainConfig, train_run
-from ignite_ema import run_on_processes
+from ignite_ema._launch import run_on_processes  # a helper of the examples and tests, not public API
 
 _TICK = 50  # iterations per progress message (and the rest of a run at its end)
 SIZES = {False: (300, 2000, 400), True: (100, 300, 100)}  # (labelled, unlabelled, test) clips; True: --quick

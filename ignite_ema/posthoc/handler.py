@@ -3,8 +3,8 @@ r"""PostHocEMA: track power-function EMAs on an Ignite engine, snapshot them, ch
 Karras et al. (2024, EDM2, Sec. 3 and App. C): two power-function EMAs and
 periodic snapshots of them are enough to reconstruct, after training, the
 power EMA of any width :math:`\sigma_{rel}`. The math is in
-:mod:`ignite_ema.posthoc_math`, the files in :mod:`ignite_ema.posthoc_snapshots`,
-the reconstruction in :mod:`ignite_ema.posthoc_reconstruct`; docs/posthoc.md
+:mod:`ignite_ema.posthoc.power`, the files in :mod:`ignite_ema.posthoc.snapshots`,
+the reconstruction in :mod:`ignite_ema.posthoc.reconstruct`; docs/posthoc.md
 has the derivations and the measurements.
 """
 
@@ -25,11 +25,11 @@ from ignite.handlers import DiskSaver
 from torch import Tensor, nn
 
 from ignite_ema._checks import check_count, check_device, check_keys, warn_at_caller
-from ignite_ema._engine import EngineClock, attach_update
+from ignite_ema.handlers._engine import EngineClock, attach_update
 from ignite_ema.model_ema import ModelEMA, named_tensors
-from ignite_ema.posthoc_math import check_sigma_rel, power_momentum, sigma_rel_to_gamma
-from ignite_ema.posthoc_reconstruct import reconstruct_listed, target_sigma_rels
-from ignite_ema.posthoc_snapshots import (
+from ignite_ema.posthoc.power import check_sigma_rel, power_momentum, sigma_rel_to_gamma
+from ignite_ema.posthoc.reconstruct import reconstruct_listed, target_sigma_rels
+from ignite_ema.posthoc.snapshots import (
     SNAPSHOT_FORMAT,
     OnError,
     SnapshotInfo,

@@ -4,7 +4,7 @@ The reconstruction needs only the snapshot directory and a model of the
 architecture the snapshots were written for (its weights are not used), so it
 runs after training, in a fresh process: ``load_reconstruction(model,
 reconstruct_from_snapshots(snapshot_dir, 0.15, model=model))``. The
-coefficients come from :func:`~ignite_ema.posthoc_math.synthesis_coefficients`;
+coefficients come from :func:`~ignite_ema.posthoc.power.synthesis_coefficients`;
 the files are read one at a time (memory-mapped), each added with its
 coefficient into one flat sum per target a chunk at a time, so memory stays at
 one snapshot file's pages plus the results.
@@ -24,8 +24,8 @@ from torch import Tensor, nn
 
 from ignite_ema._checks import check_count, check_device, check_same_shapes
 from ignite_ema.model_ema import named_tensors, unwrap_model
-from ignite_ema.posthoc_math import check_sigma_rel, sigma_rel_to_gamma, synthesis_coefficients
-from ignite_ema.posthoc_snapshots import (
+from ignite_ema.posthoc.power import check_sigma_rel, sigma_rel_to_gamma, synthesis_coefficients
+from ignite_ema.posthoc.snapshots import (
     AVERAGED,
     OnError,
     Slot,

@@ -22,7 +22,7 @@ from ignite_ema._checks import (
     check_keys,
     warn_at_caller,
 )
-from ignite_ema._engine import EngineClock, attach_update
+from ignite_ema.handlers._engine import EngineClock, attach_update
 from ignite_ema.model_ema import STATE_KEYS, ModelEMA
 from ignite_ema.schedules import HalfLife, MomentumSchedule, momentum_from_half_life
 
