@@ -33,6 +33,7 @@ import itertools
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from copy import deepcopy
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -74,6 +75,9 @@ from ignite_ema.schedules import MomentumSchedule
 __all__ = ["BUFFER_MODES", "ModelEMA", "named_tensors", "unwrap_model"]
 
 BUFFER_MODES = ("copy", "update", "ema_train")
+# What an update does with a tensor: average it, copy it from the student, or leave it to the EMA model's own
+# forward passes (buffers in "ema_train").
+AVERAGED, COPIED, OWN = "averaged", "copied", "own"
 #: The keys of :meth:`ModelEMA.state_dict`.
 STATE_KEYS = ("handle_buffers", "tensors", "num_averaged", "last_update_iteration")
 
@@ -235,51 +239,64 @@ class ModelEMA:
                 f"model ({type(self.model).__name__}) has no parameters or buffers, so it has nothing to average: "
                 "build the EMA from the model that holds the weights (after its lazy modules are initialised)"
             )
-        self._specs = {n: ShardSpec.of(t) for n, t in student.items() if is_sharded(t)}
-        if self._specs and placed is not None:
+        specs = {n: ShardSpec.of(t) for n, t in student.items() if is_sharded(t)}
+        if specs and placed is not None:
             raise ValueError("device= is not supported for a sharded student: its EMA lives beside each shard")
         if placed is not None:
             placed = with_index(placed, next(iter(student.values())).device)
-        if self._specs and ema_model is None and handle_buffers == "ema_train":
+        if specs and ema_model is None and handle_buffers == "ema_train":
             raise ValueError(
                 "handle_buffers='ema_train' needs an EMA model that runs forward passes, and a sharded student cannot "
                 "be deep-copied: pass ema_model=fully_shard(<a second instance of the model>), sharded like the student"
             )
         params = {n for n, _ in self.model.named_parameters()}
         excluded = _matching(exclude, student)
-        self._averaged = [
-            n for n, t in student.items() if _is_averaged(n in params, t, handle_buffers) and n not in excluded
-        ]
         own_buffers = handle_buffers == "ema_train"  # left to the EMA model's own forward passes
-        self._copied = [
-            n for n in student if n not in self._averaged and (n in params or not own_buffers or n in excluded)
-        ]
+        roles = {}
+        for name, tensor in student.items():
+            if _is_averaged(name in params, tensor, handle_buffers) and name not in excluded:
+                roles[name] = AVERAGED
+            elif name in params or not own_buffers or name in excluded:
+                roles[name] = COPIED
+            else:
+                roles[name] = OWN
+        averaged = [n for n, role in roles.items() if role == AVERAGED]
 
         self._tensors_only = tensors_only
-        self._ema_model = self._ema_module(ema_model, student, placed, tensors_only=tensors_only)
+        self._ema_model = self._ema_module(ema_model, student, placed, tensors_only=tensors_only, sharded=bool(specs))
         self._sharded_ema = fsdp_modules(self._ema_model)
-        self._targets = self._ema_tensors(
-            student, copy_student=ema_model is not None, shadow_dtype=shadow_dtype, placed=placed
+        targets = self._ema_tensors(
+            student, averaged, copy_student=ema_model is not None, shadow_dtype=shadow_dtype, placed=placed
         )
+        self._records = {
+            name: _Record(
+                role=roles[name],
+                target=targets[name],
+                state=self._shadow_for(name, targets[name], shadow_dtype) if roles[name] == AVERAGED else targets[name],
+                dtype=tensor.dtype,
+                device=tensor.device,
+                shape=tensor.shape,
+                spec=specs.get(name),
+                is_buffer=name not in params,
+            )
+            for name, tensor in student.items()
+        }
 
         # An EMA built beside the student must stay there; one placed on purpose (device=) may be elsewhere.
-        self._follows_device = placed is None and all(
-            self._targets[n].device == local(t).device for n, t in student.items()
-        )
-        self._student_kinds = {n: (t.dtype, t.device) for n, t in student.items()}
-        self._shapes = {n: t.shape for n, t in student.items()}  # global shapes
-        shadows = [self._shadow_for(n, self._targets[n], shadow_dtype) for n in self._averaged]
-        self._state = dict(self._targets)
-        self._state.update(zip(self._averaged, shadows, strict=True))
-        self._has_statistics = any(t.is_floating_point() for n, t in student.items() if n not in params)
+        self._follows_device = placed is None and all(targets[n].device == local(t).device for n, t in student.items())
+        self._has_statistics = any(r.is_buffer and r.dtype.is_floating_point for r in self._records.values())
 
-        self._averager = ShadowAverager(shadows, [local(student[n]) for n in self._averaged])
-        mirrored = [n for n, s in zip(self._averaged, shadows, strict=True) if s is not self._targets[n]]
-        self._mirrored = mirrored
-        self._mirror = TensorCopier([self._targets[n] for n in mirrored], [self._state[n] for n in mirrored])
+        self._averager = ShadowAverager(
+            [self._records[n].state for n in averaged], [local(student[n]) for n in averaged]
+        )
+        # Averages kept wider than their EMA-model tensor (float32 shadows of bf16): the tensor is their mirror.
+        self._mirrored = [n for n in averaged if self._records[n].state is not self._records[n].target]
+        self._mirror = TensorCopier(
+            [self._records[n].target for n in self._mirrored], [self._records[n].state for n in self._mirrored]
+        )
         # What a rank average acts on: a floating buffer's average (its shadow, which the next update reads).
         self._buffer_average = RankAverage(
-            [self._state[n] for n, t in student.items() if n not in params and t.is_floating_point()]
+            [r.state for r in self._records.values() if r.is_buffer and r.dtype.is_floating_point]
         )
         self._swapped = False
         self._warned: set[str] = set()
@@ -294,6 +311,7 @@ class ModelEMA:
         placed: torch.device | None,
         *,
         tensors_only: bool,
+        sharded: bool,
     ) -> nn.Module | None:
         """The caller's EMA model, checked; else a frozen deep copy of the student; ``None`` for a sharded one
         or with ``tensors_only``."""
@@ -302,7 +320,7 @@ class ModelEMA:
             _check_initialised(ema_model, "ema_model")
             reshard(fsdp_modules(ema_model))
             _check_caller_ema_model(self.model, ema_model, student)
-        elif not self._specs and not tensors_only:
+        elif not sharded and not tensors_only:
             ema_model = copy_module(self.model, placed)
         if ema_model is not None:
             for param in ema_model.parameters():
@@ -314,6 +332,7 @@ class ModelEMA:
     def _ema_tensors(
         self,
         student: Mapping[str, Tensor],
+        averaged: Sequence[str],
         *,
         copy_student: bool,
         shadow_dtype: torch.dtype | None,
@@ -321,18 +340,18 @@ class ModelEMA:
     ) -> dict[str, Tensor]:
         """Where the EMA's values live, by name (local shards): the EMA model's tensors, or tensors of its own."""
         if self._ema_model is None:  # tensors only: averaged ones straight in their shadow dtype, where placed
-            for name in self._averaged:
+            for name in averaged:
                 self._shadow_dtype(name, student[name], shadow_dtype)  # all checked before anything is built
             return {
                 n: local(t).to(
                     device=placed,
-                    dtype=self._shadow_dtype(n, t, shadow_dtype) if n in self._averaged else t.dtype,
+                    dtype=self._shadow_dtype(n, t, shadow_dtype) if n in averaged else t.dtype,
                     copy=True,
                 )
                 for n, t in student.items()
             }
         targets = {n: local(t) for n, t in named_tensors(self._ema_model).items()}
-        for name in self._averaged:
+        for name in averaged:
             self._shadow_dtype(name, targets[name], shadow_dtype)  # all checked before the caller's module is written
         if copy_student:  # a caller's module; a deep copy holds the student's values already
             with torch.no_grad():
@@ -391,7 +410,7 @@ class ModelEMA:
     @property
     def averaged_names(self) -> tuple[str, ...]:
         """The tensors that updates average (the others are copied, or left to the EMA model in "ema_train")."""
-        return tuple(self._averaged)
+        return self._names(AVERAGED)
 
     @property
     def has_statistics(self) -> bool:
@@ -400,13 +419,17 @@ class ModelEMA:
 
     # ------------------------------------------------------------------ student
 
+    def _names(self, role: str) -> tuple[str, ...]:
+        return tuple(n for n, r in self._records.items() if r.role == role)
+
     def _bind(self, student: Mapping[str, Tensor]) -> None:
         self._watch.mark()
         shards = {n: local(t) for n, t in student.items()}
-        self._averager.bind([shards[n] for n in self._averaged])
-        self._copier = TensorCopier([self._targets[n] for n in self._copied], [shards[n] for n in self._copied])
-        self._finite = FiniteCheck([shards[n] for n in (*self._averaged, *self._copied)])
-        self._finite_names = [n for n in (*self._averaged, *self._copied) if _can_be_nonfinite(shards[n])]
+        averaged, copied = self._names(AVERAGED), self._names(COPIED)
+        self._averager.bind([shards[n] for n in averaged])
+        self._copier = TensorCopier([self._records[n].target for n in copied], [shards[n] for n in copied])
+        self._finite = FiniteCheck([shards[n] for n in (*averaged, *copied)])
+        self._finite_names = [n for n in (*averaged, *copied) if _can_be_nonfinite(shards[n])]
 
     def rebind(self) -> None:
         """Look the student's tensors up by name again, after they were replaced (``model.to(...)``, say).
@@ -421,23 +444,23 @@ class ModelEMA:
         reshard(self._sharded_student)
         student = named_tensors(self.model)
         check_same_shapes(
-            self._shapes,
+            {n: r.shape for n, r in self._records.items()},
             {n: t.shape for n, t in student.items()},
             "the student",
             hint="was the model changed after the EMA was built? Build the EMA from the final model",
         )
         for name, tensor in student.items():
-            dtype, device = self._student_kinds[name]
+            record = self._records[name]
+            dtype, device, sharded = record.dtype, record.device, record.spec is not None
             if tensor.dtype != dtype:
                 raise ValueError(
                     f"the student's tensor '{name}' is {tensor.dtype} now, {dtype} when the EMA was built: the EMA "
                     "cannot follow a conversion. Convert the model before building the EMA"
                 )
-            if is_sharded(tensor) != (name in self._specs):
+            if is_sharded(tensor) != sharded:
                 raise ValueError(
-                    f"the student's tensor '{name}' was {'sharded' if name in self._specs else 'not sharded'} when "
-                    f"the EMA was built and is {'not ' if name in self._specs else ''}now: build the EMA after "
-                    "fully_shard()"
+                    f"the student's tensor '{name}' was {'sharded' if sharded else 'not sharded'} when "
+                    f"the EMA was built and is {'not ' if sharded else ''}now: build the EMA after fully_shard()"
                 )
             if tensor.device != device and self._follows_device:
                 raise ValueError(
@@ -454,8 +477,8 @@ class ModelEMA:
         if self._ema_model is None:
             return
         current = {n: local(t) for n, t in named_tensors(self._ema_model).items()}
-        for name, target in self._targets.items():
-            now = current.get(name)
+        for name, record in self._records.items():
+            target, now = record.target, current.get(name)
             if now is None or now.data_ptr() != target.data_ptr() or now.dtype != target.dtype:
                 found = "gone" if now is None else f"now {now.dtype} on {now.device}"
                 raise ValueError(
@@ -644,16 +667,17 @@ class ModelEMA:
         self._refuse_while_swapped("swapped")
         self.rebind()
         student = {n: local(t) for n, t in named_tensors(self.model).items()}
-        same = [n for n in self._targets if student[n].dtype == self._targets[n].dtype]
-        wider = [n for n in self._targets if student[n].dtype != self._targets[n].dtype]
+        targets = {n: r.target for n, r in self._records.items()}
+        same = [n for n in targets if student[n].dtype == targets[n].dtype]
+        wider = [n for n in targets if student[n].dtype != targets[n].dtype]
         parked = [student[n].clone() for n in wider]
-        swap = ValueSwap([student[n] for n in same], [self._targets[n] for n in same])
+        swap = ValueSwap([student[n] for n in same], [targets[n] for n in same])
         reshard(self._sharded_ema)
         _wait_for_host_reads(student.values())
         swap.exchange()
         with torch.no_grad():
             for name in wider:
-                student[name].copy_(self._targets[name])
+                student[name].copy_(targets[name])
         self._swapped = True
         try:
             yield
@@ -696,10 +720,10 @@ class ModelEMA:
         self._refuse_while_swapped("state_dict")
         tensors = {}
         writes = rank() == 0
-        for name, tensor in self._state.items():
-            if name not in self._specs:
-                tensors[name] = tensor
-            elif (whole := self._specs[name].full_on_cpu(tensor, keep=writes)) is not None:
+        for name, record in self._records.items():
+            if record.spec is None:
+                tensors[name] = record.state
+            elif (whole := record.spec.full_on_cpu(record.state, keep=writes)) is not None:
                 tensors[name] = whole
         return {"handle_buffers": self.handle_buffers, "tensors": tensors, **self._counters()}
 
@@ -717,9 +741,9 @@ class ModelEMA:
         """
         self._refuse_while_swapped("sharded_state_dict")
         tensors = {}
-        for name, tensor in self._state.items():
-            held = tensor.clone() if copy else tensor
-            tensors[name] = self._specs[name].dtensor(held) if name in self._specs else held
+        for name, record in self._records.items():
+            held = record.state.clone() if copy else record.state
+            tensors[name] = held if record.spec is None else record.spec.dtensor(held)
         return {"handle_buffers": self.handle_buffers, "tensors": tensors, **self._counters()}
 
     def model_state_dict(self) -> dict[str, Tensor]:
@@ -737,10 +761,10 @@ class ModelEMA:
         exported = {}
         for key, tensor in self.model.state_dict(keep_vars=True).items():
             name = canonical[id(tensor)]  # tied weights appear under each of their names
-            value = self._state[name]
-            if name in self._specs:
-                value = self._specs[name].full_on_cpu(value, keep=True)  # type: ignore[assignment]
-            exported[key] = value.to(dtype=self._student_kinds[name][0])  # no copy when the dtype is the student's
+            record = self._records[name]
+            value = record.state if record.spec is None else record.spec.full_on_cpu(record.state, keep=True)
+            assert value is not None  # kept
+            exported[key] = value.to(dtype=record.dtype)  # no copy when the dtype is the student's
         return exported
 
     def check_state_dict(self, state_dict: Mapping[str, Any]) -> None:
@@ -761,7 +785,7 @@ class ModelEMA:
         if not isinstance(saved, Mapping) or not all(isinstance(t, Tensor) for t in saved.values()):
             raise ValueError("the EMA state's 'tensors' must map names to tensors")
         check_same_shapes(
-            self._shapes,
+            {n: r.shape for n, r in self._records.items()},
             {n: t.shape for n, t in saved.items()},
             "the saved state",
             hint="was it saved from another model? Load a state saved by an EMA of the same model",
@@ -769,11 +793,10 @@ class ModelEMA:
         for name, tensor in saved.items():
             if tensor.is_meta:
                 raise ValueError(f"saved tensor '{name}' is on the meta device: it has no values to load")
-            if tensor.dtype != self._state[name].dtype:
-                raise ValueError(
-                    f"saved tensor '{name}' is {tensor.dtype}, the EMA keeps it as {self._state[name].dtype}"
-                )
-            if is_sharded(tensor) and (name not in self._specs or ShardSpec.of(tensor) != self._specs[name]):
+            record = self._records[name]
+            if tensor.dtype != record.state.dtype:
+                raise ValueError(f"saved tensor '{name}' is {tensor.dtype}, the EMA keeps it as {record.state.dtype}")
+            if is_sharded(tensor) and ShardSpec.of(tensor) != record.spec:
                 raise ValueError(
                     f"saved tensor '{name}' is sharded otherwise than this EMA keeps it; load whole tensors "
                     "(state_dict()) or a sharded state of the same layout"
@@ -786,11 +809,12 @@ class ModelEMA:
         self.check_state_dict(state_dict)
         with torch.no_grad():
             for name, tensor in state_dict["tensors"].items():
-                target = self._state[name]
+                record = self._records[name]
+                target = record.state
                 if is_sharded(tensor):
                     target.copy_(local(tensor))
-                elif name in self._specs:
-                    target.copy_(self._specs[name].shard_of(tensor, target.device))
+                elif record.spec is not None:
+                    target.copy_(record.spec.shard_of(tensor, target.device))
                 else:
                     target.copy_(tensor)
         self.num_averaged = state_dict["num_averaged"]
@@ -852,6 +876,30 @@ def _wait_for_host_reads(tensors: Iterable[Tensor]) -> None:
     may still be reading them: a host-to-device copy from pinned memory runs after the call that queued it."""
     if torch.cuda.is_initialized() and any(t.device.type == "cpu" and t.is_pinned() for t in tensors):  # type: ignore[no-untyped-call]
         torch.cuda.synchronize()
+
+
+@dataclass(frozen=True)
+class _Record:
+    """One tensor of the EMA: its role, where its EMA lives, and what the student's tensor was built as.
+
+    Attributes:
+        role: ``AVERAGED``, ``COPIED`` or ``OWN``.
+        target: the EMA's value: the EMA model's tensor (this rank's shard), or a tensor of its own.
+        state: what ``state_dict`` saves and the update writes: the float32 shadow of a low-precision target
+            (``target`` is then its rounded mirror), else ``target`` itself.
+        dtype, device, shape: the student's tensor when the EMA was built (the global shape for a shard).
+        spec: the shard layout of a sharded (DTensor) student tensor, else ``None``.
+        is_buffer: a buffer rather than a parameter.
+    """
+
+    role: str
+    target: Tensor
+    state: Tensor
+    dtype: torch.dtype
+    device: torch.device
+    shape: torch.Size
+    spec: ShardSpec | None
+    is_buffer: bool
 
 
 def _is_averaged(is_param: bool, tensor: Tensor, mode: str) -> bool:
