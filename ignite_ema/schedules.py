@@ -131,6 +131,20 @@ class HalfLife:
         return self.value * epoch_length * max_epochs
 
 
+def _in_iterations(name: str, spec: float | str, run: tuple[int | None, int | None] | None) -> float:
+    """``spec`` (``500``, ``"500it"``, ``"2ep"``, ``"0.05dur"``) in iterations; epochs and fractions need ``run``."""
+    span = HalfLife.parse(spec, name=name)
+    if span.unit == "it":
+        return span.value
+    if run is None:
+        raise ValueError(
+            f"{name}={spec!r} is in {'epochs' if span.unit == 'ep' else 'fractions of the run'}, which only an "
+            "engine knows: give it in iterations here (a number, or '500it'), or use ignite_ema.EMAHandler, which "
+            "resolves it when a run starts"
+        )
+    return span.in_iterations(*run)
+
+
 @dataclass(frozen=True)
 class MomentumSchedule:
     """The momentum of each update, from the counters that :class:`~ignite_ema.ModelEMA` keeps.
@@ -209,7 +223,7 @@ class MomentumSchedule:
         warmup_iters: int | None = None,
         mean_teacher_warmup: bool = False,
         power_warmup: tuple[float, float] | None = None,
-        start_iteration: int = 0,
+        start_iteration: int | str = 0,
         run: tuple[int | None, int | None] | None = None,
     ) -> MomentumSchedule | None:
         """The schedule the arguments users write describe; ``None`` when they give none.
@@ -222,9 +236,11 @@ class MomentumSchedule:
                 likely a decay, is warned about.
             momentum_warmup, warmup_iters, mean_teacher_warmup, power_warmup,
             start_iteration: the warm-ups and the start phase (see the class),
-                which need one of the three above.
+                which need one of the three above. ``start_iteration`` may be
+                given like a half-life (``"2ep"``, ``"0.1dur"``: Composer's
+                ``ema_start``), whole iterations counted down.
             run: ``(epoch_length, max_epochs)`` of the run, which resolves a
-                half-life in epochs or in fractions of the run.
+                half-life or a start in epochs or in fractions of the run.
         """
         given = {k: v for k, v in (("momentum", momentum), ("decay", decay), ("half_life", half_life)) if v is not None}
         if len(given) > 1:
@@ -253,16 +269,10 @@ class MomentumSchedule:
             value = check_fraction("momentum", momentum, low_open=True, high_open=True)
             if value > 0.5:
                 warn_if_decay(value)
-        iterations = None
-        if half_life is not None:
-            span = HalfLife.parse(half_life)
-            if span.unit != "it" and run is None:
-                raise ValueError(
-                    f"half_life={half_life!r} is in {'epochs' if span.unit == 'ep' else 'fractions of the run'}, "
-                    "which only an engine knows: give it in iterations here (a number, or '500it'), or use "
-                    "ignite_ema.EMAHandler, which resolves it when a run starts"
-                )
-            iterations = span.in_iterations(*run) if run is not None else span.value
+        iterations = None if half_life is None else _in_iterations("half_life", half_life, run)
+        if isinstance(start_iteration, str):
+            # whole iterations; the epsilon keeps 0.1 of 1,000 iterations at 100, whichever way it rounds
+            start_iteration = math.floor(_in_iterations("start_iteration", start_iteration, run) + 1e-9)
         return cls(
             momentum=momentum if iterations is None else None,
             half_life=iterations,

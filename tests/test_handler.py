@@ -616,3 +616,27 @@ def test_a_state_with_an_extra_key_is_refused_and_nothing_is_loaded() -> None:
     with pytest.raises(ValueError, match=r"unexpected \['momentum'\]. Nothing was loaded"):
         handler.load_state_dict(state)
     assert unchanged()
+
+
+@pytest.mark.parametrize("start", ["1ep", "0.5dur", "4it", 4])
+def test_start_iteration_in_the_units_of_half_life(start: object) -> None:
+    # 2 epochs of 4 iterations: 1 epoch = half the run = 4 iterations that copy the student
+    model = linear(0.0)
+    handler = EMAHandler(model, momentum=0.5, start_iteration=start)  # type: ignore[arg-type]
+    trainer = Engine(adding_step(model))
+    handler.attach(trainer)
+    seen = {}
+    trainer.add_event_handler(
+        Events.ITERATION_COMPLETED, lambda e: seen.__setitem__(e.state.iteration, e.state.ema_momentum)
+    )
+    trainer.run(range(4), max_epochs=2)
+    assert [seen[i] for i in range(1, 9)] == [1.0] * 4 + [0.5] * 4
+    # student 1..8; the EMA copies 4, then halves towards 5, 6, 7, 8: 4.5, 5.25, 6.125, 7.0625
+    torch.testing.assert_close(handler.ema_model.weight, torch.full((1, 2), 7.0625))
+
+
+def test_a_start_in_epochs_needs_an_engine() -> None:
+    from ignite_ema import ModelEMA
+
+    with pytest.raises(ValueError, match="start_iteration='2ep' is in epochs, which only an engine knows"):
+        ModelEMA(linear(), momentum=0.1, start_iteration="2ep")  # type: ignore[arg-type]

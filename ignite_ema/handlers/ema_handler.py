@@ -96,7 +96,9 @@ class EMAHandler(Serializable):
         power_warmup: ``(gamma, power)``: ``max(m, (1 + n / gamma) ** -power)``
             at the ``n``-th averaging update, timm's and diffusers' warm-up.
         start_iteration: updates up to and including this iteration copy the
-            student; averaging (and any warm-up) starts after it.
+            student; averaging (and any warm-up) starts after it. A number of
+            iterations, or in the units of ``half_life`` (``"2ep"``,
+            ``"0.1dur"``), resolved when a run starts, whole iterations.
         exclude: tensor names or ``fnmatch`` patterns copied from the student
             at every update instead of averaged (see :class:`~ignite_ema.ModelEMA`).
         ema_model: an EMA module built by the caller (see
@@ -162,7 +164,7 @@ class EMAHandler(Serializable):
         half_life: float | str | None = None,
         mean_teacher_warmup: bool = False,
         power_warmup: tuple[float, float] | None = None,
-        start_iteration: int = 0,
+        start_iteration: int | str = 0,
         exclude: str | Sequence[str] = (),
         ema_model: nn.Module | None = None,
         device: torch.device | str | None = None,
