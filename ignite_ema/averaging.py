@@ -122,10 +122,15 @@ class _Pairs:
 
     @staticmethod
     def group(dst: Sequence[Tensor], src: Sequence[Tensor]) -> list[_Pairs]:
-        buckets: dict[tuple[torch.device, torch.dtype, torch.device, torch.dtype], tuple[list[Tensor], list[Tensor]]]
+        # Multi-tensor kernels take their fast path only when every pair has equal strides (aten's
+        # check_fast_path_restrictions): a pair laid out otherwise (a channels_last student beside a contiguous
+        # EMA) goes to a group of its own instead of sending the whole group to per-tensor kernels.
+        buckets: dict[
+            tuple[torch.device, torch.dtype, torch.device, torch.dtype, bool], tuple[list[Tensor], list[Tensor]]
+        ]
         buckets = {}
         for d, s in zip(dst, src, strict=True):
-            lists = buckets.setdefault((d.device, d.dtype, s.device, s.dtype), ([], []))
+            lists = buckets.setdefault((d.device, d.dtype, s.device, s.dtype, d.stride() == s.stride()), ([], []))
             lists[0].append(d)
             lists[1].append(s)
         return [_Pairs(d, s) for d, s in buckets.values()]

@@ -25,6 +25,7 @@ from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
 __all__ = [
     "RankAverage",
     "ShardSpec",
+    "all_ranks",
     "any_rank",
     "collective_device",
     "fsdp_modules",
@@ -73,6 +74,16 @@ def collective_device(device: torch.device, backend_config: str | None = None) -
     if "cpu" in types:
         return torch.device("cpu")
     raise RuntimeError(f"the process group reduces tensors on {sorted(types)} only, and the EMA is on {device}")
+
+
+def all_ranks(flag: Tensor) -> Tensor:
+    """``flag``, a 0-dim bool tensor, and-ed over the ranks: one all-reduce, with no host synchronisation (the
+    caller reads the answer when it needs it). ``flag`` itself with one process."""
+    if world_size() == 1:
+        return flag
+    votes = flag.to(device=collective_device(flag.device), dtype=torch.float32).reshape(1)
+    dist.all_reduce(votes, op=dist.ReduceOp.MIN)
+    return votes[0] > 0
 
 
 def any_rank(flag: bool, device: torch.device) -> bool:

@@ -61,6 +61,7 @@ from ignite_ema.averaging import (
 from ignite_ema.distributed import (
     RankAverage,
     ShardSpec,
+    all_ranks,
     any_rank,
     fsdp_modules,
     is_sharded,
@@ -426,10 +427,26 @@ class ModelEMA:
         self._watch.mark()
         shards = {n: local(t) for n, t in student.items()}
         averaged, copied = self._names(AVERAGED), self._names(COPIED)
+        self._warn_about_layouts(averaged, shards)
         self._averager.bind([shards[n] for n in averaged])
         self._copier = TensorCopier([self._records[n].target for n in copied], [shards[n] for n in copied])
         self._finite = FiniteCheck([shards[n] for n in (*averaged, *copied)])
         self._finite_names = [n for n in (*averaged, *copied) if _can_be_nonfinite(shards[n])]
+
+    def _warn_about_layouts(self, averaged: Sequence[str], shards: Mapping[str, Tensor]) -> None:
+        """Warn once when an average is laid out otherwise than its student (a channels_last student beside a
+        contiguous caller-built ema_model, or one made channels_last after the EMA was built): correct, but on a
+        GPU those pairs run per-tensor kernels instead of one multi-tensor call."""
+        differ = [n for n in averaged if shards[n].stride() != self._records[n].state.stride()]
+        if differ and "layout" not in self._warned:
+            self._warned.add("layout")
+            name = differ[0]
+            warn_at_caller(
+                f"the EMA's tensor '{name}' ({len(differ)} in all) is laid out with strides "
+                f"{self._records[name].state.stride()}, the student's with {shards[name].stride()} (a memory format "
+                "such as channels_last on one side only): such pairs are averaged one tensor at a time on a GPU. "
+                "Give ema_model the student's memory format, or convert the student before building the EMA"
+            )
 
     def rebind(self) -> None:
         """Look the student's tensors up by name again, after they were replaced (``model.to(...)``, say).
@@ -620,19 +637,21 @@ class ModelEMA:
     def nonfinite_student(self) -> str | None:
         """What to name if a student tensor an update reads has NaN or Inf, on this rank or another; else ``None``.
 
-        One multi-tensor norm and one host synchronisation; with world size
-        above 1, one all-reduce of one number, so every rank gets the same
-        answer (call it on every rank). The exact scan runs only when a norm
-        is not finite.
+        One multi-tensor norm per group and, whatever the world size, one host
+        synchronisation: with more than one rank the flag is and-ed over the
+        ranks on the device first (one all-reduce of one number), so every
+        rank gets the same answer (call it on every rank). Only when a norm is
+        not finite somewhere do the exact scan and a second collective run.
         """
-        flag = self._finite.all_finite()
-        if flag is None:
+        local_flag = self._finite.all_finite()
+        if local_flag is None:
             return None
-        bad = None
-        if not bool(flag):  # the one host synchronisation
-            index = self._finite.first_nonfinite()  # None when a norm merely overflowed
-            bad = None if index is None else f"the student's tensor '{self._finite_names[index]}'"
-        if world_size() > 1 and any_rank(bad is not None, flag.device) and bad is None:
+        if bool(all_ranks(local_flag)):  # the one host synchronisation
+            return None
+        # Rare: a norm was not finite on some rank; every rank is here, so the collective below is safe.
+        index = self._finite.first_nonfinite()  # None when a norm merely overflowed, or the NaN is elsewhere
+        bad = None if index is None else f"the student's tensor '{self._finite_names[index]}'"
+        if world_size() > 1 and any_rank(bad is not None, local_flag.device) and bad is None:
             return "a student tensor on another rank"
         return bad
 

@@ -148,3 +148,17 @@ def test_swap_values_exchanges_bit_for_bit_with_chunks_of_the_largest_tensor() -
 def test_swap_values_needs_equal_shapes() -> None:
     with pytest.raises(ValueError, match=r"pair 0: shape \(2,\) here, \(3,\)"):
         swap_values([torch.zeros(2)], [torch.zeros(3)])
+
+
+def test_pairs_laid_out_otherwise_go_to_a_group_of_their_own() -> None:
+    # The fast path of a multi-tensor kernel needs equal strides in every pair: a channels_last student beside a
+    # contiguous shadow must not demote the other pairs of its group.
+    contiguous = torch.randn(2, 3, 4, 4)
+    channels_last = torch.randn(2, 3, 4, 4).to(memory_format=torch.channels_last)
+    students = [contiguous, channels_last, torch.randn(5)]
+    shadows = [torch.zeros(2, 3, 4, 4), torch.zeros(2, 3, 4, 4), torch.zeros(5)]
+    averager = ShadowAverager(shadows, students)
+    assert sorted(len(group.dst) for group in averager._groups) == [1, 2]
+    averager.update(0.5)
+    for shadow, student in zip(shadows, students, strict=True):
+        torch.testing.assert_close(shadow, 0.5 * student)

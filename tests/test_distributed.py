@@ -21,7 +21,7 @@ from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint, DiskSaver
 from torch import nn
 
-from ignite_ema import EMAHandler
+from ignite_ema import EMAHandler, ModelEMA
 from ignite_ema._launch import run_on_processes
 from tests.helpers import BNNet, clone_state
 
@@ -153,6 +153,28 @@ def _skip_worker() -> dict[str, Any]:
     return {"history": history, "skipped": trainer.state.ema_momentum_skipped}
 
 
+def _host_reads(fn: Any) -> int:
+    """How many times ``fn`` reads a tensor's value back to the host (``aten::_local_scalar_dense``: ``bool()``,
+    ``.item()``): on a GPU, each is a host synchronisation."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    return sum(1 for event in prof.events() if event.name == "aten::_local_scalar_dense")
+
+
+def _nonfinite_check_worker() -> dict[str, Any]:
+    from ignite_ema import ModelEMA
+
+    model = BNNet()
+    ema = ModelEMA(model)
+    finite = (_host_reads(ema.nonfinite_student), ema.nonfinite_student())
+    if idist.get_rank() == 1:
+        with torch.no_grad():
+            model.head.bias[0] = float("nan")
+    return {"finite": finite, "nan": ema.nonfinite_student()}
+
+
 def _threads_left_at_exit_worker(workdir: Path) -> None:
     # atexit runs after ignite has destroyed the process group and before the interpreter finalises.
     rank = idist.get_rank()
@@ -254,6 +276,15 @@ def test_ranks_agree_on_skipping_a_nonfinite_update() -> None:
         for name, tensor in seen0.items():
             if "bn.running" not in name:  # each rank copies its own statistics (no sync_buffers here)
                 assert torch.equal(tensor, seen1[name]), name
+
+
+def test_the_nonfinite_check_reads_the_host_once_whatever_the_world_size() -> None:
+    # The flag is and-ed over the ranks on the device, then read once: one host synchronisation per update on a GPU.
+    ranks = run_on_processes(2, _nonfinite_check_worker)
+    assert [rank["finite"] for rank in ranks] == [(1, None), (1, None)]
+    assert [rank["nan"] for rank in ranks] == ["a student tensor on another rank", "the student's tensor 'head.bias'"]
+    ema = ModelEMA(BNNet())
+    assert _host_reads(ema.nonfinite_student) == 1
 
 
 @pytest.mark.slow

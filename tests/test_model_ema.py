@@ -612,3 +612,13 @@ def test_excluded_tensors_are_copied_from_the_student_not_averaged() -> None:
         assert now[name].data_ptr() != model.state_dict()[name].data_ptr(), name
     torch.testing.assert_close(now["conv.weight"], old["conv.weight"] + 1.0)  # averaged: halfway
     torch.testing.assert_close(now["bn.running_mean"], 0.5 * old["bn.running_mean"] + 2.0)
+
+
+def test_an_ema_model_laid_out_otherwise_than_the_student_is_warned_about() -> None:
+    student = nn.Conv2d(3, 4, 3).to(memory_format=torch.channels_last)
+    with pytest.warns(UserWarning, match=r"the EMA's tensor 'weight' \(1 in all\) is laid out with strides"):
+        ema = ModelEMA(student, momentum=0.5, ema_model=nn.Conv2d(3, 4, 3))  # contiguous
+    ema.update()
+    torch.testing.assert_close(ema.ema_model.weight, student.weight.detach())  # copied in, then averaged with itself
+    with no_warnings():
+        ModelEMA(student, momentum=0.5)  # the deep copy keeps the student's layout
