@@ -53,8 +53,13 @@ def _posthoc_on_engine(spec: ModelSpec, snapshot_dir: Path) -> EngineContender:
     contender = EngineContender(POSTHOC, handler=posthoc)
     posthoc.attach(contender.engine)
     # Each timed run completes, and a completed run ends with a snapshot; here it would only fill the disk.
-    contender.engine.remove_event_handler(posthoc._on_completed, Events.COMPLETED)
+    _no_snapshot_at_completion(posthoc, contender)
     return contender
+
+
+def _no_snapshot_at_completion(posthoc: PostHocEMA, contender: EngineContender) -> None:
+    assert posthoc._adapter is not None  # attached
+    contender.engine.remove_event_handler(posthoc._adapter._on_completed, Events.COMPLETED)
 
 
 # ------------------------------------------------------------------ 1. update
@@ -118,7 +123,7 @@ def bench_snapshots(spec: ModelSpec, settings: Settings, workdir: Path) -> dict[
         )
         contender = EngineContender(POSTHOC, handler=posthoc)
         posthoc.attach(contender.engine)
-        contender.engine.remove_event_handler(posthoc._on_completed, Events.COMPLETED)
+        _no_snapshot_at_completion(posthoc, contender)
         seconds = []
         for _ in range(repeats):
             contender.timed_run(1)  # one update, so that there is something new to write

@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from ignite_ema.batchnorm import frozen_bn_stats, recalibrate_bn
     from ignite_ema.handlers.bn_recalibration import BNRecalibration
     from ignite_ema.handlers.ema_handler import EMAHandler
-    from ignite_ema.posthoc.handler import PostHocEMA
+    from ignite_ema.posthoc.core import PostHocEMA
     from ignite_ema.posthoc.power import gamma_to_sigma_rel, power_momentum, sigma_rel_to_gamma
     from ignite_ema.posthoc.reconstruct import load_reconstruction, reconstruct_from_snapshots
     from ignite_ema.posthoc.snapshots import SnapshotInfo, list_snapshots, load_snapshot
@@ -31,7 +31,7 @@ _LAZY = {
     "ignite_ema.batchnorm": ("frozen_bn_stats", "recalibrate_bn"),
     "ignite_ema.handlers.bn_recalibration": ("BNRecalibration",),
     "ignite_ema.handlers.ema_handler": ("EMAHandler",),
-    "ignite_ema.posthoc.handler": ("PostHocEMA",),
+    "ignite_ema.posthoc.core": ("PostHocEMA",),
     "ignite_ema.posthoc.power": ("gamma_to_sigma_rel", "power_momentum", "sigma_rel_to_gamma"),
     "ignite_ema.posthoc.reconstruct": ("load_reconstruction", "reconstruct_from_snapshots"),
     "ignite_ema.posthoc.snapshots": ("SnapshotInfo", "list_snapshots", "load_snapshot"),

@@ -4,7 +4,9 @@
   weights of a reconstruction).
 - :mod:`ignite_ema.posthoc.snapshots`: the snapshot files: writing, listing, loading, checking they fit a model.
 - :mod:`ignite_ema.posthoc.reconstruct`: an EMA of any sigma_rel from the snapshots.
-- :mod:`ignite_ema.posthoc.handler`: :class:`PostHocEMA`, the EMAs of a training run and their snapshots.
+- :mod:`ignite_ema.posthoc.core`: :class:`PostHocEMA`, the EMAs of a training run and their snapshots, in a plain
+  loop (``update(step=...)``). None of the modules above imports Ignite.
+- :mod:`ignite_ema.posthoc.handler`: the Ignite adapter that ``PostHocEMA.attach(engine)`` loads.
 
 The public names are importable from :mod:`ignite_ema` itself.
 """

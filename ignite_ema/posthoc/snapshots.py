@@ -2,7 +2,9 @@
 
 A snapshot is one file per tracked EMA and snapshot iteration,
 ``phema-<iteration>-<index>-<sigma_rel>.pt``, written by ``torch.save``
-through Ignite's ``DiskSaver``. It is self-describing: the iteration it was
+atomically (a temporary file in the same directory, then a rename): by
+:class:`SnapshotFiles` in a plain loop, through Ignite's ``DiskSaver`` on an
+engine, the same bytes either way. It is self-describing: the iteration it was
 taken at, the EMA's ``sigma_rel`` and exponent, the buffer mode, the run that
 wrote it, and every tensor of the EMA by name. The tensors are packed into a
 few flat buffers, one per kind (average or copy) and stored dtype (averages
@@ -19,12 +21,15 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
+import stat
+import tempfile
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from os import PathLike
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import torch
 from torch import Tensor
@@ -34,7 +39,9 @@ from ignite_ema.averaging import _wait_for
 
 __all__ = [
     "SNAPSHOT_FORMAT",
+    "SnapshotFiles",
     "SnapshotInfo",
+    "SnapshotWriter",
     "list_snapshots",
     "load_snapshot",
     "read_snapshot_info",
@@ -57,6 +64,48 @@ def snapshot_filename(iteration: int, index: int, sigma_rel: float) -> str:
 def snapshot_name_matches(filename: str) -> bool:
     """Whether ``filename`` is named like a snapshot (the reader then checks its contents)."""
     return _NAME.match(filename) is not None
+
+
+class SnapshotWriter(Protocol):
+    """What writes and removes snapshot files in a directory: :class:`SnapshotFiles`, or Ignite's ``DiskSaver``."""
+
+    def __call__(self, checkpoint: Mapping[str, Any], filename: str) -> None: ...
+
+    def remove(self, filename: str) -> None: ...
+
+
+class SnapshotFiles:
+    """Writes snapshot files into ``directory`` atomically, as Ignite's ``DiskSaver(atomic=True)`` does, without Ignite.
+
+    ``torch.save`` into a temporary file in the same directory, then
+    ``os.replace``: a reader never sees a half-written file under a snapshot's
+    name. The bytes are ``DiskSaver``'s (the same call on the same kind of file
+    object), so a plain loop and an engine write the same files. The caller
+    decides which rank writes.
+
+    Args:
+        directory: where the files go (created when the first is written).
+    """
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+
+    def __call__(self, checkpoint: Mapping[str, Any], filename: str) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(delete=False, dir=self.directory) as tmp:
+            try:
+                torch.save(checkpoint, tmp.file)
+            except BaseException:  # a full disk, an interrupt: no half-written file left behind
+                tmp.close()
+                os.remove(tmp.name)
+                raise
+        path = self.directory / filename
+        os.replace(tmp.name, path)
+        # readable by the group and others, as DiskSaver leaves it (a temporary file is the owner's alone)
+        os.chmod(path, os.stat(path).st_mode | stat.S_IRGRP | stat.S_IROTH)
+
+    def remove(self, filename: str) -> None:
+        (self.directory / filename).unlink()
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""The training job of the PostHocEMA resume test: ``python -m tests.posthoc_resume_job PHASE DIR``.
+"""The training job of the PostHocEMA resume test: ``python -m tests.posthoc.resume_job PHASE DIR``.
 
 PHASE is ``full`` (40 iterations, never stopped), ``first`` (saves a
 checkpoint at iteration 17, between two EMA updates and two snapshots, then

@@ -41,9 +41,9 @@ from ignite_ema import (
 from ignite_ema.posthoc.reconstruct import _add
 from ignite_ema.posthoc.snapshots import Slot, pack_snapshot
 from tests.helpers import BNNet, image_batches, no_warnings
-from tests.posthoc_resume_job import run_phase
+from tests.posthoc.resume_job import run_phase
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CPU = torch.device("cpu")
 T = 2000  # iterations of the trajectory runs
 _WAVES = ((0.5, 0.3), (1.0, 1.0), (2.0, 0.1), (3.0, 2.0), (0.25, 0.7), (1.5, 2.5))  # (cycles per run, phase)
@@ -234,6 +234,155 @@ def test_low_precision_students_are_averaged_in_float32(tmp_path: Path) -> None:
     torch.testing.assert_close(shadow[0].double(), want, rtol=0, atol=2e-6)  # float32 rounding over 400 updates
     saved = load_snapshot(posthoc.snapshots[-1].path)["weight"]
     assert saved.dtype == torch.float32 and torch.equal(saved, shadow)
+
+
+# ---------------------------------------------------------------------- the plain loop
+
+_GAPS = (2, 3, 7, 8, 9, 15, 16, 30, 31, 45, 47)  # the steps updated: gaps of 1 to 15, snapshots due at 15, 30, 45
+
+
+def _bn_student() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 3), nn.BatchNorm1d(3)).double()
+
+
+def _train_step(model: nn.Module, t: int) -> None:
+    """Step ``t`` of a deterministic training: weights from the trajectory, a forward pass moving the statistics."""
+    with torch.no_grad():
+        model[0].weight.copy_(trajectory(t, 50)[None].expand(3, -1))
+        model[0].bias.fill_(0.1 * t)
+        model(torch.randn(8, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(t)))
+
+
+def _snapshot_files(directory: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir())}
+
+
+def test_a_plain_loop_gives_the_engines_emas_and_snapshot_files_for_the_same_steps(tmp_path: Path) -> None:
+    arguments: dict[str, Any] = {"sigma_rels": (0.05, 0.10), "snapshot_every": 10, "handle_buffers": "update"}
+    engine_model, plain_model = _bn_student(), _bn_student()
+    on_engine = PostHocEMA(engine_model, **arguments, snapshot_dir=tmp_path / "engine")
+    plain = PostHocEMA(plain_model, **arguments, snapshot_dir=tmp_path / "plain")
+    plain.load_state_dict(copy.deepcopy(on_engine.state_dict()))  # the same run_id, so that the files can be equal
+
+    trainer = Engine(lambda engine, batch: _train_step(engine_model, engine.state.iteration))
+    published: dict[int, tuple[float, ...]] = {}
+    on_update = Events.ITERATION_COMPLETED(event_filter=lambda _, i: i in _GAPS)
+    on_engine.attach(trainer, event=on_update)
+    trainer.add_event_handler(on_update, lambda e: published.update({e.state.iteration: e.state.posthoc_momentum}))
+    trainer.run(range(52), max_epochs=1)  # ends with a snapshot of the last update, at 47
+
+    returned = {}
+    for t in range(1, 53):
+        _train_step(plain_model, t)
+        if t in _GAPS:
+            returned[t] = plain.update(step=t)
+    plain.snapshot()  # the end of the loop, as a completed run ends
+
+    assert returned == published  # the same momenta, float for float
+    assert [(i.iteration, i.index) for i in plain.snapshots] == [(t, k) for t in (15, 30, 45, 47) for k in (0, 1)]
+    assert [i.path.name for i in plain.snapshots] == [i.path.name for i in on_engine.snapshots]
+    # The same files, byte for byte: the plain loop's own atomic writer and Ignite's DiskSaver write the same bytes.
+    assert _snapshot_files(tmp_path / "plain") == _snapshot_files(tmp_path / "engine")
+    got, want = plain.state_dict(), on_engine.state_dict()
+    assert got["snapshots"] == want["snapshots"] and got["last_update_iteration"] == 47
+    for a, b in zip(got["emas"], want["emas"], strict=True):
+        assert a["tensors"].keys() == b["tensors"].keys()
+        assert all(torch.equal(t, b["tensors"][n]) for n, t in a["tensors"].items())
+    # And the closed form of the gaps: the student at each updated step weighs the mass of tau^gamma since the last.
+    for ema, gamma in zip(plain.model_state_dicts(), plain.gammas, strict=True):
+        want_row = power_ema([trajectory(t, 50) for t in _GAPS], list(_GAPS), gamma)
+        torch.testing.assert_close(ema["0.weight"][0], want_row, rtol=0, atol=1e-12)
+
+
+def test_update_counts_its_own_steps_and_refuses_what_a_plain_loop_cannot_do(tmp_path: Path) -> None:
+    model = student()
+    posthoc = PostHocEMA(model, (0.05, 0.10), snapshot_every="2it", snapshot_dir=tmp_path / "s")
+    gammas = posthoc.gammas
+    momenta = []
+    for t in range(1, 6):
+        with torch.no_grad():
+            model.weight.copy_(trajectory(t)[None])
+        momenta.append(posthoc.update())
+    assert posthoc.last_step == 5
+    assert momenta[0] == (1.0, 1.0)  # the first update copies the student
+    assert momenta[1:] == [pytest.approx(tuple(1 - (1 - 1 / t) ** (g + 1) for g in gammas)) for t in range(2, 6)]
+    assert [i.iteration for i in posthoc.snapshots] == [2, 2, 4, 4]
+    values = [trajectory(t) for t in range(1, 6)]
+    for ema, gamma in zip(posthoc.model_state_dicts(), gammas, strict=True):
+        torch.testing.assert_close(ema["weight"][0], power_ema(values, range(1, 6), gamma), rtol=0, atol=1e-12)
+
+    before = copy.deepcopy(posthoc.state_dict())
+    for step, error, match in [
+        (5, ValueError, r"step=5 does not come after the last update's step, 5: steps must increase"),
+        (0, ValueError, "step must be at least 1; found 0"),
+        (6.0, TypeError, "step must be an int; found float"),
+    ]:
+        with pytest.raises(error, match=match):
+            posthoc.update(step=step)  # type: ignore[arg-type]
+    after = posthoc.state_dict()
+    assert after["last_update_iteration"] == 5 and after["snapshots"] == before["snapshots"]
+    assert torch.equal(after["emas"][0]["tensors"]["weight"], before["emas"][0]["tensors"]["weight"])
+
+    for spec, unit in (("2ep", "epochs"), ("0.1dur", "a fraction of the run")):
+        epochs = PostHocEMA(model, snapshot_every=spec, snapshot_dir=tmp_path / spec)
+        with pytest.raises(ValueError, match=rf"snapshot_every='{spec}' is in {unit}, which only an Ignite engine"):
+            epochs.update()
+        assert epochs.last_step == 0 and not (tmp_path / spec).exists()  # nothing happened
+    with pytest.raises(RuntimeError, match="no update to snapshot yet"):
+        PostHocEMA(model, snapshot_every=2, snapshot_dir=tmp_path / "none").snapshot()
+    posthoc.attach(follow(model, trajectory))
+    with pytest.raises(RuntimeError, match="attached to an engine, which updates it at its event"):
+        posthoc.update()
+
+
+def test_a_plain_loop_resumes_from_its_state_bit_for_bit(tmp_path: Path) -> None:
+    def run(posthoc: PostHocEMA, model: nn.Module, steps: range) -> None:
+        for t in steps:
+            _train_step(model, t)
+            if t % 3 == 0:  # an update every third step
+                posthoc.update(step=t)
+
+    def build(directory: str) -> tuple[PostHocEMA, nn.Module]:
+        model = _bn_student()
+        posthoc = PostHocEMA(
+            model, (0.05, 0.10), snapshot_every=10, snapshot_dir=tmp_path / directory, handle_buffers="update"
+        )
+        return posthoc, model
+
+    full, full_model = build("full")
+    run(full, full_model, range(1, 41))
+    full.snapshot()
+
+    first, first_model = build("resumed")
+    run(first, first_model, range(1, 18))  # a checkpoint at 17, between two updates and two snapshots
+    saved = tmp_path / "state.pt"
+    torch.save({"posthoc": first.state_dict(), "model": first_model.state_dict()}, saved)
+    run(first, first_model, range(18, 27))  # then a crash at 26, after the snapshot at 21
+    resumed, resumed_model = build("resumed")
+    checkpoint = torch.load(saved, weights_only=True)
+    resumed_model.load_state_dict(checkpoint["model"])  # the student's statistics have a history too
+    resumed.load_state_dict(checkpoint["posthoc"])
+    with pytest.warns(UserWarning, match=r"removed 2 snapshot\(s\) of this run .* after iteration 15") as caught:
+        run(resumed, resumed_model, range(18, 41))
+    assert caught[0].filename == __file__  # at the user's update() call
+    resumed.snapshot()
+
+    a, b = full.state_dict(), resumed.state_dict()
+    assert a["snapshots"] == b["snapshots"]
+    assert [r["iteration"] for r in a["snapshots"]] == [12, 12, 21, 21, 30, 30, 39, 39]
+    assert a["last_update_iteration"] == b["last_update_iteration"] == 39
+    for ema_a, ema_b in zip(a["emas"], b["emas"], strict=True):
+        assert all(torch.equal(t, ema_b["tensors"][n]) for n, t in ema_a["tensors"].items())
+    for record in a["snapshots"]:  # the same files but for the run's id: all their tensors bit for bit
+        want = torch.load(tmp_path / "full" / record["file"], weights_only=True)
+        got = torch.load(tmp_path / "resumed" / record["file"], weights_only=True)
+        assert {k: v for k, v in want.items() if k not in ("buffers", "run_id")} == {
+            k: v for k, v in got.items() if k not in ("buffers", "run_id")
+        }
+        assert want["buffers"].keys() == got["buffers"].keys()
+        assert all(torch.equal(t, got["buffers"][n]) for n, t in want["buffers"].items()), record["file"]
+    assert sorted(p.name for p in (tmp_path / "resumed").iterdir()) == [r["file"] for r in a["snapshots"]]
 
 
 # ---------------------------------------------------------------------- reconstruction
@@ -677,7 +826,7 @@ def test_attach_validates_first_and_takes_one_engine(tmp_path: Path) -> None:
     posthoc = PostHocEMA(model, snapshot_every=10, snapshot_dir=tmp_path)
     with pytest.raises(ValueError):
         posthoc.attach(trainer, event="not an event")
-    assert not trainer.has_event_handler(posthoc._update) and not trainer.has_event_handler(posthoc._on_started)
+    assert not any(trainer._event_handlers.values())  # no handler added (Ignite keeps them in this dict)
     posthoc.attach(trainer)  # the failed call left nothing behind
     with pytest.raises(RuntimeError, match="attached to another engine already"):
         posthoc.attach(follow(model, trajectory))
@@ -767,7 +916,7 @@ def test_a_state_whose_snapshot_entries_do_not_fit_changes_nothing(tmp_path: Pat
 
 def test_resume_through_checkpoint_in_a_fresh_process_is_bit_identical(tmp_path: Path) -> None:
     assert run_phase("first", tmp_path) is None  # checkpoints at 17, crashes at 26
-    command = [sys.executable, "-m", "tests.posthoc_resume_job", "resume", str(tmp_path)]
+    command = [sys.executable, "-m", "tests.posthoc.resume_job", "resume", str(tmp_path)]
     subprocess.run(command, check=True, cwd=ROOT)  # a fresh process: only the files carry over
     full = run_phase("full", tmp_path)  # the same job, never stopped
     resumed = torch.load(tmp_path / "resume.pt", weights_only=True)
@@ -805,13 +954,15 @@ def test_resume_through_checkpoint_in_a_fresh_process_is_bit_identical(tmp_path:
 # ---------------------------------------------------------------------- docs
 
 
-def test_the_usage_block_in_the_docs_raises_no_warning() -> None:
-    # test_docs runs it too; this adds that it warns about nothing
+def test_the_usage_blocks_in_the_docs_raise_no_warning() -> None:
+    # test_docs runs them too; this adds that they warn about nothing (the plain loop's, then the engine's)
     text = (ROOT / "docs" / "posthoc.md").read_text()
-    block = re.search(r"```python\n(.*?)```", text, re.DOTALL)
-    assert block is not None
+    blocks = re.findall(r"```python\n(.*?)```", text, re.DOTALL)
+    assert len(blocks) == 2 and "posthoc.update(step=step)" in blocks[0] and "posthoc.attach(" in blocks[1]
+    namespace = {"__name__": "docs_posthoc"}
     with no_warnings():
-        exec(compile(block[1], "docs/posthoc.md", "exec"), {"__name__": "docs_posthoc"})
+        for block in blocks:
+            exec(compile(block, "docs/posthoc.md", "exec"), namespace)
 
 
 # ---------------------------------------------------------------------- the example

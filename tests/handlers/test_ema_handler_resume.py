@@ -1,6 +1,6 @@
 """Resume through Ignite's Checkpoint in fresh processes ends bit-identical to a run that never stopped.
 
-The same file is the job the test starts: ``python -m tests.test_handler_resume PHASE DIR``
+The same file is the job the test starts: ``python -m tests.handlers.test_ema_handler_resume PHASE DIR``
 with PHASE one of ``full`` (15 iterations), ``first`` (stops after the checkpoint
 at iteration 7, mid-epoch, between two EMA updates) and ``resume`` (loads that
 checkpoint and finishes). Batches are derived from the iteration number, so
@@ -87,9 +87,9 @@ def _job(phase: str, workdir: Path) -> None:
 def test_resume_in_a_new_process_is_bit_identical(tmp_path: Path) -> None:
     for phase in ("full", "first", "resume"):
         subprocess.run(
-            [sys.executable, "-m", "tests.test_handler_resume", phase, str(tmp_path)],
+            [sys.executable, "-m", "tests.handlers.test_ema_handler_resume", phase, str(tmp_path)],
             check=True,
-            cwd=Path(__file__).resolve().parents[1],
+            cwd=Path(__file__).resolve().parents[2],
         )
     full = torch.load(tmp_path / "full.pt", weights_only=False)
     resumed = torch.load(tmp_path / "resume.pt", weights_only=False)
