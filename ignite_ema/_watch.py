@@ -23,6 +23,7 @@ module that has parameters; writes into a module's ``_buffers`` dict by hand.
 from __future__ import annotations
 
 import operator
+from collections.abc import Mapping
 
 from torch import Tensor, nn
 from torch.nn.modules.module import (
@@ -53,7 +54,10 @@ def _install_hooks() -> None:
 
 
 class TensorWatch:
-    """A module's tensors as they were at the last :meth:`mark`, and a cheap test of whether that still holds.
+    """A module's tensors as they were when the watch was made, and a cheap test of whether that still holds.
+
+    Build a new watch whenever the tensors are looked up again: it holds the
+    tensor objects it was made with.
 
     Args:
         module: the module whose tensors are watched.
@@ -63,6 +67,7 @@ class TensorWatch:
 
     def __init__(self, module: nn.Module, names: list[str]) -> None:
         _install_hooks()
+        self._tensors: dict[str, Tensor] = {}
         self._params: list[Tensor] = []
         self._buffer_slots: list[tuple[dict[str, Tensor | None], str]] = []
         for name in names:
@@ -74,24 +79,41 @@ class TensorWatch:
                 # _apply converts a module's parameters with its buffers, so a buffer beside a parameter is covered
                 # by that parameter's pointer; only buffers of parameter-free modules need a look of their own.
                 self._buffer_slots.append((owner._buffers, key))
+            slots = owner._parameters if key in owner._parameters else owner._buffers
+            self._tensors[name] = slots[key]  # type: ignore[assignment]
         self._pointer = Tensor.data_ptr if not any(map(_is_dtensor, self._params)) else _shard_pointer
-        self._seen = -1
-        self._pointers: list[int] = []
-        self._buffers: list[Tensor | None] = []
+        self._mark()
 
-    def mark(self) -> None:
-        """Remember what the module holds now."""
+    def _mark(self) -> None:
         self._seen = _registrations
         self._pointers = list(map(self._pointer, self._params))
         self._buffers = [slots.get(key) for slots, key in self._buffer_slots]
 
     def changed(self) -> bool:
-        """Whether, since :meth:`mark`, anything was registered anywhere, a parameter was given new storage
+        """Whether, since the watch was made, anything was registered anywhere, a parameter was given new storage
         (``.data =``), or a buffer was replaced in its module."""
         if self._seen != _registrations or list(map(self._pointer, self._params)) != self._pointers:
             return True
         now = [slots.get(key) for slots, key in self._buffer_slots]
         return any(map(operator.is_not, now, self._buffers))
+
+    def holds(self, tensors: Mapping[str, Tensor]) -> bool:
+        """Whether ``tensors`` (a fresh look-up by name) are the very objects, with the very storage, watched; if so,
+        the watch takes the registrations seen so far as harmless (a module built elsewhere, a loss, say)."""
+        same = (
+            list(tensors) == list(self._tensors)
+            and all(tensors[n] is t for n, t in self._tensors.items())
+            and list(map(self._pointer, self._params)) == self._pointers
+        )
+        if same:
+            self._mark()
+        return same
+
+    def __setstate__(self, state: dict[str, object]) -> None:
+        """Unpickled in a new process: count its registrations from here, and look the module up at once."""
+        self.__dict__.update(state)
+        _install_hooks()
+        self._seen = -1
 
 
 def _is_dtensor(tensor: Tensor) -> bool:

@@ -33,7 +33,6 @@ __all__ = [
     "ValueSwap",
     "check_momentum",
     "shadow_dtype_for",
-    "swap_values",
 ]
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -260,7 +259,11 @@ class FiniteCheck:
             flags.append(torch.stack(torch._foreach_norm(members, 2, dtype=dtype)).isfinite().all())
         if not flags:
             return None
-        return flags[0] if len(flags) == 1 else torch.stack([f.to(flags[0].device) for f in flags]).all()
+        if len(flags) == 1:
+            return flags[0]
+        # Gathered on an accelerator if there is one: a copy to it needs no host wait, a copy off it would.
+        device = next((f.device for f in flags if f.device.type != "cpu"), flags[0].device)
+        return torch.stack([f.to(device) for f in flags]).all()
 
     @torch.no_grad()
     def first_nonfinite(self) -> int | None:
@@ -315,8 +318,3 @@ class ValueSwap:
                 torch._foreach_copy_(a, b)
                 torch._foreach_copy_(b, held)
                 start = end
-
-
-def swap_values(first: Sequence[Tensor], second: Sequence[Tensor]) -> None:
-    """Exchange the values of ``first[i]`` and ``second[i]`` in place, once (see :class:`ValueSwap`)."""
-    ValueSwap(first, second).exchange()

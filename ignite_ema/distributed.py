@@ -70,7 +70,7 @@ def collective_device(device: torch.device, backend_config: str | None = None) -
     if device.type in types:
         return device
     if "cuda" in types:
-        return torch.device("cuda")  # the current device, as NCCL wants (each rank's set_device)
+        return _group_cuda_device()
     if "cpu" in types:
         return torch.device("cpu")
     raise RuntimeError(f"the process group reduces tensors on {sorted(types)} only, and the EMA is on {device}")
@@ -84,6 +84,14 @@ def all_ranks(flag: Tensor) -> Tensor:
     votes = flag.to(device=collective_device(flag.device), dtype=torch.float32).reshape(1)
     dist.all_reduce(votes, op=dist.ReduceOp.MIN)
     return votes[0] > 0
+
+
+def _group_cuda_device() -> torch.device:
+    """The GPU the default group communicates on: the one it was bound to (``init_process_group(device_id=...)``),
+    else the current one, as NCCL itself takes it (each rank's ``torch.cuda.set_device``)."""
+    group = dist.distributed_c10d._get_default_group() if dist.is_available() and dist.is_initialized() else None
+    bound = getattr(group, "bound_device_id", None)
+    return bound if isinstance(bound, torch.device) else torch.device("cuda")
 
 
 def any_rank(flag: bool, device: torch.device) -> bool:

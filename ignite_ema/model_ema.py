@@ -71,7 +71,7 @@ from ignite_ema.distributed import (
     sharding_mismatch,
     world_size,
 )
-from ignite_ema.schedules import MomentumSchedule
+from ignite_ema.schedules import MomentumSchedule, momentum_from_half_life
 
 __all__ = ["BUFFER_MODES", "ModelEMA", "named_tensors", "unwrap_model"]
 
@@ -167,8 +167,9 @@ class ModelEMA:
             warm-ups count these).
         last_step: the step of the last scheduled update (0: none yet).
         model: the student, unwrapped.
-        ema_model: the averaged module (``requires_grad`` off); a sharded
-            student built without ``ema_model=`` has none (:attr:`has_ema_model`).
+        ema_model: the averaged module (``requires_grad`` off); an EMA built
+            with ``tensors_only=True``, or of a sharded student without
+            ``ema_model=``, has none (:attr:`has_ema_model`).
         handle_buffers: the buffer mode.
 
     For a sharded student (DTensor parameters, as ``fully_shard`` makes them)
@@ -301,7 +302,6 @@ class ModelEMA:
         )
         self._swapped = False
         self._warned: set[str] = set()
-        self._watch = TensorWatch(self.model, list(student))
         self._bind(student)
         self._mirror_versions = self._versions()
 
@@ -424,7 +424,7 @@ class ModelEMA:
         return tuple(n for n, r in self._records.items() if r.role == role)
 
     def _bind(self, student: Mapping[str, Tensor]) -> None:
-        self._watch.mark()
+        self._watch = TensorWatch(self.model, list(student))  # the objects looked up now, not those of the last bind
         shards = {n: local(t) for n, t in student.items()}
         averaged, copied = self._names(AVERAGED), self._names(COPIED)
         self._warn_about_layouts(averaged, shards)
@@ -551,10 +551,26 @@ class ModelEMA:
         if step <= self.schedule.start_iteration:
             self.copy_student()
         else:
+            self._warn_if_half_life_short(step - self.last_step)
             self._average(momentum)
             self.num_averaged += 1
         self.last_step = step
         return momentum
+
+    def _warn_if_half_life_short(self, delta: int) -> None:
+        """Warn once when the half-life is shorter than the steps between updates: each update then forgets more
+        than half of the average, which is seldom meant (a ``"dur"`` half-life on a short run, say)."""
+        schedule = self.schedule
+        if schedule is None or schedule.half_life is None or "short_half_life" in self._warned:
+            return
+        if (momentum := momentum_from_half_life(schedule.half_life, delta)) > 0.5:
+            self._warned.add("short_half_life")
+            spec = schedule.half_life_spec or f"{schedule.half_life:g}"
+            warn_at_caller(
+                f"half_life={spec} is {schedule.half_life:.3g} iterations in this run, shorter than the {delta} "
+                f"step(s) between updates: each update forgets more than half of the average (momentum "
+                f"{momentum:.3g}). Give a longer half_life"
+            )
 
     def _average(self, momentum: float) -> None:
         """:meth:`update` without its argument's checks: for a caller (the handler) whose schedule checked it."""
@@ -574,7 +590,7 @@ class ModelEMA:
     def _follow_student(self) -> None:
         """Pair the EMA with the student's tensors again if any were replaced since they were paired (cheap when
         none was: see :class:`~ignite_ema._watch.TensorWatch`)."""
-        if self._watch.changed():
+        if self._watch.changed() and not self._watch.holds(named_tensors(self.model)):
             self.rebind()
 
     def _after_update(self) -> None:
@@ -675,7 +691,9 @@ class ModelEMA:
         Inside the block the student's parameters and buffers hold the EMA's
         values (its tensor objects stay the same ones, so optimisers, compiled
         graphs, wrappers and hooks keep working) and ``ema_model`` holds the
-        student's. On exit, also by exception, both are back bit for bit. The
+        student's, except where the EMA is kept in a wider dtype than the
+        student (a float32 ``ema_model`` of a bf16 student, ``tensors_only``
+        averages): those keep their own values. On exit, also by exception, both are back bit for bit. The
         extra memory is the largest tensor's, except for tensors whose EMA is
         in a wider dtype than the student (a float32 ``ema_model`` of a bf16
         student): those are kept aside whole. All of it is allocated on entry
@@ -765,7 +783,7 @@ class ModelEMA:
             tensors[name] = held if record.spec is None else record.spec.dtensor(held)
         return {"handle_buffers": self.handle_buffers, "tensors": tensors, **self._counters()}
 
-    def model_state_dict(self) -> dict[str, Tensor]:
+    def model_state_dict(self) -> dict[str, Any]:
         """The EMA's weights and buffers as the model's own ``state_dict()``: whole tensors in the student's dtypes.
 
         ``unsharded_model.load_state_dict(ema.model_state_dict())`` gives a
@@ -773,13 +791,18 @@ class ModelEMA:
         are references, as in ``nn.Module.state_dict``; the others are
         converted copies. From a sharded student, whole tensors are assembled
         one at a time (a collective: call it on every rank) and moved to the
-        CPU, on every rank.
+        CPU, on every rank. Entries that are not tensors of the EMA (a
+        module's ``get_extra_state()``, what state-dict hooks add) are the
+        student's own.
         """
         self._refuse_while_swapped("model_state_dict")
         canonical = {id(t): n for n, t in named_tensors(self.model).items()}
-        exported = {}
+        exported: dict[str, Any] = {}
         for key, tensor in self.model.state_dict(keep_vars=True).items():
-            name = canonical[id(tensor)]  # tied weights appear under each of their names
+            name = canonical.get(id(tensor))  # tied weights appear under each of their names
+            if name is None:
+                exported[key] = tensor
+                continue
             record = self._records[name]
             value = record.state if record.spec is None else record.spec.full_on_cpu(record.state, keep=True)
             assert value is not None  # kept

@@ -175,6 +175,8 @@ class MomentumSchedule:
     warmup_iters: int | None = None
     power_warmup: tuple[float, float] | None = None
     start_iteration: int = 0
+    #: The half-life as the user wrote it (``"0.05dur"``), for messages.
+    half_life_spec: str | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         if (self.momentum is None) == (self.half_life is None):
@@ -225,6 +227,7 @@ class MomentumSchedule:
         power_warmup: tuple[float, float] | None = None,
         start_iteration: int | str = 0,
         run: tuple[int | None, int | None] | None = None,
+        warn: bool = True,
     ) -> MomentumSchedule | None:
         """The schedule the arguments users write describe; ``None`` when they give none.
 
@@ -241,6 +244,8 @@ class MomentumSchedule:
                 ``ema_start``), whole iterations counted down.
             run: ``(epoch_length, max_epochs)`` of the run, which resolves a
                 half-life or a start in epochs or in fractions of the run.
+            warn: warn about a momentum that looks like a decay (once per
+                set of arguments: the handler resolves them again each run).
         """
         given = {k: v for k, v in (("momentum", momentum), ("decay", decay), ("half_life", half_life)) if v is not None}
         if len(given) > 1:
@@ -267,7 +272,7 @@ class MomentumSchedule:
             momentum = 1.0 - check_fraction("decay", decay, low_open=True, high_open=True)
         elif momentum is not None:
             value = check_fraction("momentum", momentum, low_open=True, high_open=True)
-            if value > 0.5:
+            if value > 0.5 and warn:
                 warn_if_decay(value)
         iterations = None if half_life is None else _in_iterations("half_life", half_life, run)
         if isinstance(start_iteration, str):
@@ -280,6 +285,7 @@ class MomentumSchedule:
             warmup_iters=warmup_iters,
             power_warmup=power_warmup,
             start_iteration=start_iteration,
+            half_life_spec=None if half_life is None else str(half_life),
         )
 
     def __call__(self, iteration: int, last_update_iteration: int, num_averaged: int) -> float:

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from ignite_ema import ModelEMA
-from ignite_ema.averaging import FiniteCheck, ShadowAverager, TensorCopier, shadow_dtype_for, swap_values
+from ignite_ema.averaging import FiniteCheck, ShadowAverager, TensorCopier, ValueSwap, shadow_dtype_for
 
 
 def _tensors(dtypes: list[torch.dtype], seed: int) -> list[torch.Tensor]:
@@ -131,23 +131,23 @@ def test_finite_check_tells_an_overflowing_norm_from_a_nonfinite_element() -> No
     assert check.first_nonfinite() is None
 
 
-def test_swap_values_exchanges_bit_for_bit_with_chunks_of_the_largest_tensor() -> None:
+def test_value_swap_exchanges_bit_for_bit_with_chunks_of_the_largest_tensor() -> None:
     dtypes = [torch.float32, torch.int64, torch.float32, torch.bfloat16, torch.float32]
     shapes = [(7,), (3,), (2, 2), (5,), (0,)]
     first = [torch.randn(shape).to(dtype) for shape, dtype in zip(shapes, dtypes, strict=True)]
     second = [torch.randn(shape).to(dtype) for shape, dtype in zip(shapes, dtypes, strict=True)]
     was_first, was_second = [t.clone() for t in first], [t.clone() for t in second]
-    swap_values(first, second)
+    ValueSwap(first, second).exchange()
     for a, b, a0, b0 in zip(first, second, was_first, was_second, strict=True):
         assert torch.equal(a, b0) and torch.equal(b, a0)
-    swap_values(first, second)
+    ValueSwap(first, second).exchange()
     for a, b, a0, b0 in zip(first, second, was_first, was_second, strict=True):
         assert torch.equal(a, a0) and torch.equal(b, b0)
 
 
-def test_swap_values_needs_equal_shapes() -> None:
+def test_value_swap_needs_equal_shapes() -> None:
     with pytest.raises(ValueError, match=r"pair 0: shape \(2,\) here, \(3,\)"):
-        swap_values([torch.zeros(2)], [torch.zeros(3)])
+        ValueSwap([torch.zeros(2)], [torch.zeros(3)])
 
 
 def test_pairs_laid_out_otherwise_go_to_a_group_of_their_own() -> None:

@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import copy
 import io
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +18,8 @@ from torch import nn
 
 from ignite_ema import ModelEMA, recalibrate_bn
 from tests.helpers import BNNet, image_batches, linear, no_warnings
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _sgd_steps(model: nn.Module, ema: ModelEMA, momentum: float, steps: int, *, teacher: bool = False) -> None:
@@ -622,3 +627,58 @@ def test_an_ema_model_laid_out_otherwise_than_the_student_is_warned_about() -> N
     torch.testing.assert_close(ema.ema_model.weight, student.weight.detach())  # copied in, then averaged with itself
     with no_warnings():
         ModelEMA(student, momentum=0.5)  # the deep copy keeps the student's layout
+
+
+def test_a_head_replaced_then_changed_in_place_is_followed_both_times() -> None:
+    # After following a new head, the EMA watches the new head's tensors, not the old ones.
+    model, ema = _ema_of_bnnet()
+    model.head = nn.Linear(4, 2)
+    ema.update(0.5)
+    before = ema.ema_model.head.weight.detach().clone()
+    model.head.weight.data = torch.full_like(model.head.weight, 9.0)  # new storage, nothing registered
+    ema.update(0.5)
+    torch.testing.assert_close(ema.ema_model.head.weight, 0.5 * before + 4.5)
+
+
+def test_an_unpickled_ema_still_notices_replaced_tensors(tmp_path: Path) -> None:
+    model, ema = _ema_of_bnnet()
+    torch.save({"model": model, "ema": ema}, tmp_path / "both.pt")
+    script = f"""
+import torch
+from torch import nn
+both = torch.load({str(tmp_path / "both.pt")!r}, weights_only=False)  # no EMA is built in this process
+model, ema = both["model"], both["ema"]
+old = ema.ema_model.head.weight.detach().clone()
+model.head = nn.Linear(4, 2)
+torch.nn.init.constant_(model.head.weight, 7.0)
+ema.update(0.5)
+assert torch.allclose(ema.ema_model.head.weight, 0.5 * old + 3.5), ema.ema_model.head.weight
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+
+
+class _WithExtraState(nn.Linear):
+    def get_extra_state(self) -> dict[str, int]:
+        return {"version": 3}
+
+    def set_extra_state(self, state: dict[str, int]) -> None:
+        assert state == {"version": 3}
+
+
+def test_model_state_dict_carries_a_modules_extra_state() -> None:
+    student = nn.Sequential(_WithExtraState(2, 2), nn.ReLU())
+    ema = ModelEMA(student, momentum=0.5)
+    exported = ema.model_state_dict()
+    assert exported["0._extra_state"] == {"version": 3}
+    plain = nn.Sequential(_WithExtraState(2, 2), nn.ReLU())
+    plain.load_state_dict(exported)
+    assert torch.equal(plain[0].weight, student[0].weight)
+
+
+def test_a_half_life_shorter_than_the_steps_between_updates_is_warned_about_in_a_plain_loop() -> None:
+    ema = ModelEMA(linear(), half_life=3)
+    with no_warnings():
+        ema.update(step=2)
+    with pytest.warns(UserWarning, match=r"half_life=3 is 3 iterations in this run, shorter than the 4 step\(s\)"):
+        ema.update(step=6)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 from ignite.engine import CallableEventWithFilter, Engine, Events, EventsList
@@ -60,18 +60,15 @@ class EngineClock:
     A new ``engine.run()`` restarts the engine's count; the clock goes on
     from the handler's last update instead, so warm-ups and start phases
     happen once per handler and the time since the last update stays positive.
+    The last update's reading is the core's (``ModelEMA.last_step``,
+    ``PostHocEMA.last_step``): the clock holds only what needs an engine.
 
     Attributes:
-        last_update: the clock's reading at the last update (0: none yet).
-        offset: what the clock adds to the engine's iteration.
-        restored: whether a state was loaded.
+        offset: what the clock adds to the engine's iteration (saved as ``iteration_offset``).
+        restored: whether the handler's state was loaded.
     """
 
-    #: The keys of :meth:`state_dict`, which the handlers' own states carry.
-    KEYS = ("last_update_iteration", "iteration_offset")
-
     def __init__(self) -> None:
-        self.last_update = 0
         self.offset = 0
         self.restored = False
 
@@ -79,25 +76,15 @@ class EngineClock:
         """The clock's reading at the engine's current iteration."""
         return self.offset + engine.state.iteration
 
-    def start_run(self, engine: Engine, last_update: int | None = None) -> bool:
+    def start_run(self, engine: Engine, last_update: int) -> bool:
         """Call when a run starts. ``True`` when the engine resumes past iteration 0 but the handler has neither
         updated nor loaded a state: a checkpoint restored everything but the handler.
 
         Args:
             engine: the engine whose run starts.
-            last_update: the clock's reading at the handler's last update, where the handler's core keeps it (a
-                ``ModelEMA``'s ``last_step``); :attr:`last_update` by default.
+            last_update: the clock's reading at the handler's last update (0: none yet).
         """
-        last = self.last_update if last_update is None else last_update
-        if self.now(engine) < last:
-            self.offset = last - engine.state.iteration
+        if self.now(engine) < last_update:
+            self.offset = last_update - engine.state.iteration
             return False
-        return engine.state.iteration > 0 and last == 0 and not self.restored
-
-    def state_dict(self) -> dict[str, int]:
-        return {"last_update_iteration": self.last_update, "iteration_offset": self.offset}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore :meth:`state_dict` (its values checked by the caller)."""
-        self.last_update, self.offset = state["last_update_iteration"], state["iteration_offset"]
-        self.restored = True
+        return engine.state.iteration > 0 and last_update == 0 and not self.restored

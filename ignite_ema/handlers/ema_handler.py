@@ -24,7 +24,7 @@ from ignite_ema._checks import (
 )
 from ignite_ema.handlers._engine import EngineClock, attach_update
 from ignite_ema.model_ema import STATE_KEYS, ModelEMA
-from ignite_ema.schedules import HalfLife, MomentumSchedule, momentum_from_half_life
+from ignite_ema.schedules import MomentumSchedule, momentum_from_half_life
 
 __all__ = ["EMAHandler"]
 
@@ -172,7 +172,6 @@ class EMAHandler(Serializable):
         sync_buffers: str | None = None,
         skip_nonfinite: bool = False,
     ) -> None:
-        self._half_life = None if half_life is None else HalfLife.parse(half_life)
         # Ignite's default momentum applies when neither momentum nor half_life is given (and is not warned about);
         # a momentum passed on purpose is checked like any other.
         given: float | None = momentum
@@ -269,7 +268,8 @@ class EMAHandler(Serializable):
         self._remove_probe()  # one left by a step that raised
         self._ema.rebind()
         self._ema.check_outside_writes()
-        schedule = MomentumSchedule.of(**self._schedule_args, run=(engine.state.epoch_length, engine.state.max_epochs))
+        run = (engine.state.epoch_length, engine.state.max_epochs)
+        schedule = MomentumSchedule.of(**self._schedule_args, run=run, warn=False)  # warned at construction
         assert schedule is not None
         self._ema.schedule = schedule
         if schedule.half_life is not None:
@@ -333,28 +333,11 @@ class EMAHandler(Serializable):
             )
             self._check_teacher()
             return
-        schedule = self._ema.schedule
-        assert schedule is not None  # set at STARTED, which comes first
-        if schedule.half_life is not None and iteration > schedule.start_iteration:
-            self._check_half_life(schedule.half_life, iteration - self._ema.last_step)
         momentum = self._ema.update(step=iteration)
         setattr(engine.state, name, momentum)
         if self._sync_buffers == "update":
             self._ema.average_buffers_across_ranks()
         self._check_teacher()
-
-    def _check_half_life(self, iterations: float, delta: int) -> None:
-        """Warn once when the half-life is shorter than the time between updates: each update forgets more than half
-        of the average, which is seldom meant (a ``"dur"`` half-life on a short run, say)."""
-        if "short_half_life" in self._warned or (momentum := momentum_from_half_life(iterations, delta)) <= 0.5:
-            return
-        assert self._half_life is not None
-        self._warn_once(
-            "short_half_life",
-            f"half_life={self._half_life.value:g}{self._half_life.unit} is {iterations:.3g} iterations in this "
-            f"run, shorter than the {delta} iteration(s) between updates: each update forgets more than half of "
-            f"the average (momentum {momentum:.3g}). Give a longer half_life",
-        )
 
     def _check_teacher(self) -> None:
         probe = self._probe
@@ -449,7 +432,7 @@ class EMAHandler(Serializable):
     def _counters(self) -> dict[str, int]:
         return {"num_skipped": self._num_skipped, "iteration_offset": self._clock.offset}
 
-    def model_state_dict(self) -> dict[str, torch.Tensor]:
+    def model_state_dict(self) -> dict[str, Any]:
         """The EMA's weights as a state dict of the model (whole tensors): see
         :meth:`ignite_ema.ModelEMA.model_state_dict`."""
         return self._ema.model_state_dict()

@@ -299,7 +299,7 @@ class PostHocEMA:
                 self._start()
             self._write_snapshots(self.last_step)
 
-    def model_state_dicts(self) -> list[dict[str, Tensor]]:
+    def model_state_dicts(self) -> list[dict[str, Any]]:
         """Each EMA's weights and buffers now, one per ``sigma_rel``, as the model's own ``state_dict()``.
 
         ``model.load_state_dict(posthoc.model_state_dicts()[0])`` puts the EMA

@@ -640,3 +640,14 @@ def test_a_start_in_epochs_needs_an_engine() -> None:
 
     with pytest.raises(ValueError, match="start_iteration='2ep' is in epochs, which only an engine knows"):
         ModelEMA(linear(), momentum=0.1, start_iteration="2ep")  # type: ignore[arg-type]
+
+
+def test_a_decay_passed_as_the_momentum_is_warned_about_once_not_at_every_run() -> None:
+    model = linear()
+    with pytest.warns(UserWarning, match="If 0.999 is a decay"):
+        handler = EMAHandler(model, momentum=0.999)
+    trainer = Engine(adding_step(model))
+    handler.attach(trainer)
+    with no_warnings():
+        trainer.run(range(2), max_epochs=1)
+        trainer.run(range(2), max_epochs=1)

@@ -254,7 +254,11 @@ def test_numpy_numbers_are_accepted_as_their_python_kinds() -> None:
     seen = _momenta(trainer)
     trainer.run(range(4), max_epochs=1)
     assert seen == pytest.approx({1: 1.0, 2: 0.0, 3: 0.25, 4: 0.5})
-    assert EMAHandler(linear(), half_life=np.float32(8.0))._half_life.value == 8.0  # type: ignore[union-attr]
+    halving = EMAHandler(linear(), half_life=np.float32(8.0))  # type: ignore[arg-type]
+    other = Engine(lambda e, b: None)
+    halving.attach(other)
+    other.run(range(1), max_epochs=1)
+    assert other.state.ema_momentum == pytest.approx(1 - 0.5 ** (1 / 8), rel=1e-12)
 
 
 def test_a_momentum_that_looks_like_a_decay_is_warned_about_at_the_callers_line() -> None:
