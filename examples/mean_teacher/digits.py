@@ -139,13 +139,14 @@ def _accuracy(model: nn.Module, data: Sequence[tuple[Tensor, Tensor]]) -> float:
 
 
 def summary_table(results: Sequence[RunResult]) -> str:
-    """Mean ± std over seeds of the test accuracy per run, as Markdown."""
+    """Mean ± std over seeds of the test accuracy per run, as Markdown (the mean alone for one seed: no spread)."""
 
     def cell(values: list[float]) -> str:
         if not values:
             return "—"
-        spread = statistics.stdev(values) if len(values) > 1 else 0.0
-        return f"{100 * statistics.mean(values):.1f} ± {100 * spread:.1f}"
+        if len(values) == 1:
+            return f"{100 * values[0]:.1f}"
+        return f"{100 * statistics.mean(values):.1f} ± {100 * statistics.stdev(values):.1f}"
 
     lines = ["| run | seeds | student accuracy (%) | teacher accuracy (%) |", "|---|---|---|---|"]
     for run in dict.fromkeys(r.run for r in results):
