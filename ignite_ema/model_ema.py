@@ -42,7 +42,6 @@ from torch.nn.modules.lazy import LazyModuleMixin
 
 from ignite_ema._checks import (
     check_bool,
-    check_count,
     check_device,
     check_keys,
     check_same_shapes,
@@ -71,7 +70,7 @@ from ignite_ema.distributed import (
     sharding_mismatch,
     world_size,
 )
-from ignite_ema.schedules import MomentumSchedule, momentum_from_half_life
+from ignite_ema.schedules import MomentumSchedule, momentum_from_half_life, next_step
 
 __all__ = ["BUFFER_MODES", "ModelEMA", "named_tensors", "unwrap_model"]
 
@@ -541,12 +540,7 @@ class ModelEMA:
                 "update() without a momentum needs a schedule: build the EMA with momentum=, decay= or half_life= "
                 "(ModelEMA(model, decay=0.9998), say), or pass each update's momentum: update(0.01)"
             )
-        step = self.last_step + 1 if step is None else check_count("step", step, minimum=1)
-        if step <= self.last_step:
-            raise ValueError(
-                f"step={step} does not come after the last update's step, {self.last_step}: steps must increase "
-                "(load_state_dict() restores the count of a resumed run)"
-            )
+        step = next_step(step, self.last_step)
         momentum = self.schedule(step, self.last_step, self.num_averaged)
         if step <= self.schedule.start_iteration:
             self.copy_student()

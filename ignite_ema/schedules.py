@@ -35,12 +35,26 @@ __all__ = [
     "MomentumSchedule",
     "linear_warmup",
     "momentum_from_half_life",
+    "next_step",
     "power_warmup",
 ]
 
 # One rule for every span argument (half_life, snapshot_every): a positive number, optional spaces,
 # a unit in any case.
 _HALF_LIFE = re.compile(r"^\s*(?P<value>[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*(?P<unit>it|ep|dur)\s*$", re.IGNORECASE)
+
+
+def next_step(step: object, last_step: int) -> int:
+    """The step of an update: ``last_step + 1`` for ``None``, else ``step``, which must come after ``last_step``."""
+    if step is None:
+        return last_step + 1
+    value = check_count("step", step, minimum=1)
+    if value <= last_step:
+        raise ValueError(
+            f"step={value} does not come after the last update's step, {last_step}: steps must increase "
+            "(load_state_dict() restores the count of a resumed run)"
+        )
+    return value
 
 
 def momentum_from_half_life(half_life: float, delta: int) -> float:

@@ -43,7 +43,7 @@ from ignite_ema.posthoc.snapshots import (
     snapshot_filename,
     snapshot_name_matches,
 )
-from ignite_ema.schedules import HalfLife
+from ignite_ema.schedules import HalfLife, next_step
 
 if TYPE_CHECKING:
     from ignite.engine import Engine
@@ -210,12 +210,7 @@ class PostHocEMA:
                 "this PostHocEMA is attached to an engine, which updates it at its event: call update() only in a "
                 "plain loop, with a PostHocEMA that is not attached"
             )
-        step = self.last_step + 1 if step is None else check_count("step", step, minimum=1)
-        if step <= self.last_step:
-            raise ValueError(
-                f"step={step} does not come after the last update's step, {self.last_step}: steps must increase "
-                "(load_state_dict() restores the count of a resumed run)"
-            )
+        step = next_step(step, self.last_step)
         if self._every is None:
             self._every = _steps_between_snapshots(self._snapshot_every, None)
         if not self._started:
