@@ -9,7 +9,7 @@ from ignite.engine import CallableEventWithFilter, Engine, Events, EventsList
 
 from ignite_ema._checks import warn_at_caller
 
-__all__ = ["EngineClock", "attach_update"]
+__all__ = ["EngineClock", "attach_update", "resumed_without_state"]
 
 Event = str | Events | CallableEventWithFilter | EventsList
 
@@ -88,3 +88,13 @@ class EngineClock:
             self.offset = last_update - engine.state.iteration
             return False
         return engine.state.iteration > 0 and last_update == 0 and not self.restored
+
+
+def resumed_without_state(owner: str, engine: Engine, consequence: str, key: str) -> str:
+    """The warning for an engine that resumes past iteration 0 while the handler has neither updated nor loaded a
+    state (a checkpoint restored everything but the handler): what happens instead, and how to resume exactly."""
+    return (
+        f"the engine resumes at iteration {engine.state.iteration}, but this {owner} has never updated and its "
+        f"state was not loaded: {consequence}. To resume it exactly, checkpoint the handler itself "
+        f"(Checkpoint(to_save={{{key!r}: handler, ...}}))"
+    )

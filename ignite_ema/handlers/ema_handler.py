@@ -22,7 +22,7 @@ from ignite_ema._checks import (
     check_keys,
     warn_at_caller,
 )
-from ignite_ema.handlers._engine import EngineClock, attach_update
+from ignite_ema.handlers._engine import EngineClock, attach_update, resumed_without_state
 from ignite_ema.model_ema import STATE_KEYS, ModelEMA
 from ignite_ema.schedules import MomentumSchedule, momentum_from_half_life
 
@@ -283,13 +283,8 @@ class EMAHandler(Serializable):
             setattr(engine.state, name, 0.0)
         if self._clock.start_run(engine, self._ema.last_step):
             self._ema.last_step = self._clock.now(engine)  # delta counted from where the run resumed
-            self._warn_once(
-                "not_restored",
-                f"the engine resumes at iteration {engine.state.iteration}, but this EMAHandler has never updated "
-                "and its state was not loaded: the EMA goes on from the EMA model as it is, its warm-up and "
-                "half-life counted from here. To resume it exactly, checkpoint the handler itself "
-                "(Checkpoint(to_save={'ema': handler, ...}))",
-            )
+            consequence = "the EMA goes on from the EMA model as it is, its warm-up and half-life counted from here"
+            self._warn_once("not_restored", resumed_without_state("EMAHandler", engine, consequence, "ema"))
 
     # ------------------------------------------------------------------ per iteration
 

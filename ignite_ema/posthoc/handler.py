@@ -14,7 +14,7 @@ from ignite.engine import Engine, Events
 from ignite.handlers import DiskSaver
 
 from ignite_ema._checks import warn_at_caller
-from ignite_ema.handlers._engine import EngineClock, Event, attach_update
+from ignite_ema.handlers._engine import EngineClock, Event, attach_update, resumed_without_state
 from ignite_ema.posthoc.core import PostHocEMA, _steps_between_snapshots
 
 __all__ = ["EngineAdapter", "PostHocEMA"]
@@ -67,12 +67,8 @@ class EngineAdapter:
             posthoc._writer = DiskSaver(posthoc.snapshot_dir, atomic=True, create_dir=True, require_empty=False)
         posthoc._start()
         if self.clock.start_run(engine, posthoc.last_step):
-            warn_at_caller(
-                f"the engine resumes at iteration {engine.state.iteration}, but this PostHocEMA has neither updated "
-                "nor loaded its state: its first update copies the student, which then stands for every iteration "
-                "before it. To resume exactly, checkpoint the handler too (Checkpoint(to_save={'posthoc': "
-                "handler, ...}))"
-            )
+            consequence = "its first update copies the student, which then stands for every iteration before it"
+            warn_at_caller(resumed_without_state("PostHocEMA", engine, consequence, "posthoc"))
 
     def _update(self, engine: Engine, name: str) -> None:
         step = self.clock.now(engine)

@@ -161,7 +161,7 @@ def test_the_clock_goes_on_across_runs_and_a_resume_without_state_warns_at_the_c
     resumed.load_state_dict({"iteration": 100, "epoch_length": 100, "max_epochs": 2})  # the trainer's state only
     fresh = PostHocEMA(model, (0.10,), snapshot_every=10, snapshot_dir=tmp_path / "b")
     fresh.attach(resumed)
-    with pytest.warns(UserWarning, match="resumes at iteration 100, but this PostHocEMA has neither") as caught:
+    with pytest.warns(UserWarning, match="resumes at iteration 100, but this PostHocEMA has never updated") as caught:
         resumed.run(range(100), max_epochs=2)
     assert caught[0].filename == __file__  # pointed at the user's run() call
     assert resumed.state.posthoc_momentum == pytest.approx((1 - (199 / 200) ** (gamma + 1),))
