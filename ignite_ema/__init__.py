@@ -11,7 +11,8 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from ignite_ema.averaging import ShadowAverager
-from ignite_ema.model_ema import ModelEMA, named_tensors, unwrap_model
+from ignite_ema.model_ema import ModelEMA
+from ignite_ema.modules import named_tensors, unwrap_model
 from ignite_ema.schedules import HalfLife, MomentumSchedule
 
 if TYPE_CHECKING:

@@ -21,7 +21,7 @@ from torch.profiler import ProfilerActivity, profile
 from ignite_ema import ModelEMA
 from ignite_ema.averaging import ShadowAverager, TensorCopier, Transfer
 from ignite_ema.distributed import collective_device, device_types_of
-from ignite_ema.model_ema import copy_module, with_index
+from ignite_ema.modules import copy_module, with_index
 from tests.helpers import BNNet
 
 CPU, CUDA0, CUDA1 = torch.device("cpu"), torch.device("cuda", 0), torch.device("cuda", 1)

@@ -193,6 +193,6 @@ def test_the_digits_demo_runs_on_two_processes() -> None:
         [sys.executable, "-m", "examples.mean_teacher", *command], capture_output=True, text=True, timeout=300
     )
     assert done.returncode == 0, done.stderr[-2000:]
-    row = re.search(r"\| ema_train \| 1 \| ([0-9.]+) ± [0-9.]+ \| ([0-9.]+) ± [0-9.]+ \|", done.stdout)
+    row = re.search(r"\| ema_train \| 1 \| ([0-9.]+) \| ([0-9.]+) \|", done.stdout)  # one seed: no spread
     assert row is not None, done.stdout
     assert float(row[1]) > 50 and float(row[2]) > 50  # student and teacher accuracy in %, chance is 10

@@ -27,7 +27,8 @@ from torch import Tensor, nn
 
 from ignite_ema._checks import check_count, check_device, check_keys, warn_at_caller
 from ignite_ema.distributed import rank
-from ignite_ema.model_ema import ModelEMA, named_tensors
+from ignite_ema.model_ema import ModelEMA
+from ignite_ema.modules import named_tensors
 from ignite_ema.posthoc.power import check_sigma_rel, power_momentum, sigma_rel_to_gamma
 from ignite_ema.posthoc.reconstruct import reconstruct_listed, target_sigma_rels
 from ignite_ema.posthoc.snapshots import (

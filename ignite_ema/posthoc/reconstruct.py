@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from ignite_ema._checks import check_count, check_device, check_same_shapes
-from ignite_ema.model_ema import named_tensors, unwrap_model
+from ignite_ema.modules import named_tensors, unwrap_model
 from ignite_ema.posthoc.power import check_sigma_rel, sigma_rel_to_gamma, synthesis_coefficients
 from ignite_ema.posthoc.snapshots import (
     AVERAGED,
