@@ -37,7 +37,6 @@ def bench_swap(spec: ModelSpec, settings: Settings) -> dict[str, Any]:
     """Time of one swap in and out, and the peak memory it allocates, against the clone-and-load way."""
     student = spec.build()
     ema = ModelEMA(student, handle_buffers="update")
-    assert ema.ema_model is not None
     calls: dict[str, Callable[[], None]] = {
         SWAP: partial(swap_once, ema),
         RELOAD: partial(_reload_once, student, ema.ema_model),

@@ -129,7 +129,7 @@ def run_once(run: str, seed: int, iterations: int, labels_per_class: int, progre
 
     test = list(zip(torch.split(split.test_x, 64), torch.split(split.test_y, 64), strict=True))[rank::world]
     student_acc = _accuracy(unwrap_model(student), test)  # Accuracy sums its counts over the ranks
-    teacher_acc = _accuracy(handler.ema_model, test) if handler is not None and handler.ema_model is not None else None
+    teacher_acc = _accuracy(handler.ema_model, test) if handler is not None else None
     return RunResult(run, seed, student_acc, teacher_acc, time.perf_counter() - start)
 
 

@@ -138,15 +138,10 @@ def train(config: Config, snapshot_dir: Path, progress: bool = True) -> tuple[Re
     results = Results(config, student=evaluate(student, split), train_seconds=time.perf_counter() - start)
     tracked = posthoc.model_state_dicts()  # its EMAs keep tensors only: each is loaded into a model to evaluate it
     results.tracked = {s: evaluate(_loaded(state), split) for s, state in zip(TRACKED, tracked, strict=True)}
-    results.direct = {s: evaluate(_module(h.ema_model), split) for s, h in direct.items()}
+    results.direct = {s: evaluate(h.ema_model, split) for s, h in direct.items()}
     results.snapshots = len(posthoc.snapshots)
     results.snapshot_bytes = sum(info.path.stat().st_size for info in posthoc.snapshots)
     return results, split
-
-
-def _module(ema_model: nn.Module | None) -> nn.Module:
-    assert ema_model is not None  # an unsharded student: its EMAs keep a module
-    return ema_model
 
 
 def _loaded(state: dict[str, Tensor]) -> nn.Module:

@@ -53,9 +53,8 @@ def _set_one_hot(probe: nn.Linear, iteration: int) -> None:
         probe.weight[0, iteration - 1] = 1.0
 
 
-def _weight_row(module: nn.Module | None) -> Tensor:
+def _weight_row(module: nn.Module) -> Tensor:
     """The averaged probe's weight row: the weight each iteration has in the EMA."""
-    assert module is not None  # an unsharded probe: its EMA keeps a module
     weight = module.weight
     assert isinstance(weight, Tensor)
     return weight.detach()[0].clone()
@@ -73,7 +72,9 @@ def posthoc_weights(sigma_rel: float, iterations: int, every: int) -> Tensor:
         posthoc = PostHocEMA(probe, (sigma_rel,), snapshot_every=iterations, snapshot_dir=snapshots)
         posthoc.attach(trainer, event=Events.ITERATION_COMPLETED(every=every))
         trainer.run(range(iterations), max_epochs=1)
-    return posthoc.model_state_dicts()[0]["weight"][0].clone()
+    weight = posthoc.model_state_dicts()[0]["weight"]
+    assert isinstance(weight, Tensor)
+    return weight[0].clone()
 
 
 def ema_handler_weights(sigma_rel: float, iterations: int) -> Tensor:
