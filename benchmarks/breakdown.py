@@ -87,12 +87,19 @@ def _ours_calls(handler: Any, engine: Any) -> dict[str, Callable[[], object] | N
     """ignite_ema's pieces, called directly (None where an attribute is missing)."""
     ema = getattr(handler, "_ema", None)
     update = getattr(handler, "_update", None)
-    averager, copier = (getattr(ema, a, None) for a in ("_averager", "_copier"))
-    schedule = getattr(handler, "_schedule", None)
+    averager, copier, watch = (getattr(ema, a, None) for a in ("_averager", "_copier", "_watch"))
+    schedule = getattr(ema, "schedule", None) or getattr(handler, "_schedule", None)  # the handler's before 0.2
+
+    def update_at_the_next_iteration() -> None:
+        # Each update must come at a later step than the last one: the engine moves one iteration per call.
+        engine.state.iteration += 1
+        update(engine, "ema_momentum")  # type: ignore[misc]
+
     return {
-        "_update() called directly (no engine)": update and partial(update, engine, "ema_momentum"),
+        "_update() called directly (no engine)": update and update_at_the_next_iteration,
         "  ShadowAverager.update (averaged tensors)": averager and partial(averager.update, MOMENTUM),
         "  TensorCopier.copy (integer buffers)": copier and copier.copy,
+        "  TensorWatch.changed (replaced student tensors)": watch and watch.changed,
         "  MomentumSchedule call": schedule and partial(schedule, 10, 9, 8),
         "  _check_teacher()": getattr(handler, "_check_teacher", None),
         "_on_iteration_started() (each ITERATION_STARTED)": getattr(handler, "_on_iteration_started", None)
@@ -110,6 +117,7 @@ _ORDER = (
     "    same sizes, as views of one flat buffer",
     "  TensorCopier.copy (integer buffers)",
     "    torch._foreach_copy_ of the integer buffers",
+    "  TensorWatch.changed (replaced student tensors)",
     "  MomentumSchedule call",
     "  _check_teacher()",
     "_on_iteration_started() (each ITERATION_STARTED)",
