@@ -26,6 +26,7 @@ from torch import Tensor
 from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
 
 __all__ = [
+    "WIDENING_CHUNK",
     "FiniteCheck",
     "ShadowAverager",
     "TensorCopier",
@@ -118,6 +119,7 @@ class _Pairs:
             else Transfer.between(src[0].device, dst[0].device, any(s.is_pinned() for s in src))
         )
         self._staging: list[Tensor] | None = None
+        self._widening: list[tuple[int, int, list[Tensor]]] | None = None
 
     @staticmethod
     def group(dst: Sequence[Tensor], src: Sequence[Tensor]) -> list[_Pairs]:
@@ -144,12 +146,56 @@ class _Pairs:
         self.transfer.copy(self._staging, self.src)
         return self._staging
 
+    def lerp_widened(self, sources: list[Tensor], weight: float) -> None:
+        """``dst[i].lerp_(sources[i], weight)`` for sources of a narrower dtype (bf16 students, float32 shadows).
+
+        ``lerp`` needs equal dtypes, and a mixed-dtype ``add_`` runs one tensor at a time (on a GPU: aten's slow
+        path; on this CPU: 2.6x the time of what follows). Instead each chunk of sources is widened into scratch
+        memory of the destinations' dtype, then averaged: two same-dtype multi-tensor calls per chunk. The scratch
+        is allocated at the first call and kept: the largest tensor, or up to ``WIDENING_CHUNK`` elements.
+        """
+        if self._widening is None:
+            self._widening = _widening_plan(self.dst)
+        for start, end, widened in self._widening:
+            torch._foreach_copy_(widened, sources[start:end])
+            torch._foreach_lerp_(self.dst[start:end], widened, weight)
+
     def copy_sources(self) -> None:
         """``dst[i].copy_(src[i])`` for every pair, landed before the host reads the destinations."""
         if self.transfer is None:
             torch._foreach_copy_(self.dst, self.src)
         else:
             self.transfer.copy(self.dst, self.src)
+
+
+#: Elements of scratch memory (float32: 16 MB) that widening low-precision students may take, or the largest tensor.
+WIDENING_CHUNK = 1 << 22
+
+
+def _widening_plan(like: Sequence[Tensor]) -> list[tuple[int, int, list[Tensor]]]:
+    """Consecutive runs ``[start, end)`` of ``like`` that fit one scratch buffer, each with views into it laid out
+    like its tensors (so that multi-tensor kernels keep their fast path)."""
+    capacity = max(max(t.numel() for t in like), min(sum(t.numel() for t in like), WIDENING_CHUNK))
+    flat = torch.empty(capacity, dtype=like[0].dtype, device=like[0].device)
+    plan, start = [], 0
+    while start < len(like):
+        end, used, views = start, 0, []
+        while end < len(like) and used + like[end].numel() <= capacity:
+            views.append(_view_like(flat, used, like[end]))
+            used += like[end].numel()
+            end += 1
+        plan.append((start, end, views))
+        start = end
+    return plan
+
+
+def _view_like(flat: Tensor, offset: int, tensor: Tensor) -> Tensor:
+    """A view of ``flat`` from ``offset`` with ``tensor``'s shape, and its strides where they span exactly its
+    elements (dense: contiguous, channels_last, ...); contiguous otherwise."""
+    span = 1 + sum((size - 1) * stride for size, stride in zip(tensor.shape, tensor.stride(), strict=True))
+    if tensor.numel() > 0 and span == tensor.numel():
+        return flat.as_strided(tensor.shape, tensor.stride(), flat.storage_offset() + offset)
+    return flat[offset : offset + tensor.numel()].view(tensor.shape)
 
 
 def _check_pairs(dst: Sequence[Tensor], src: Sequence[Tensor], what: str) -> None:
@@ -219,10 +265,7 @@ class ShadowAverager:
             if group.same_dtype:
                 torch._foreach_lerp_(group.dst, students, momentum)
             else:
-                # lerp needs equal dtypes; mul + add promotes the (low-precision) student element by element,
-                # without a full-size temporary.
-                torch._foreach_mul_(group.dst, 1.0 - momentum)
-                torch._foreach_add_(group.dst, students, alpha=momentum)
+                group.lerp_widened(students, momentum)
 
     @torch.no_grad()
     def copy_students(self) -> None:

@@ -162,3 +162,29 @@ def test_pairs_laid_out_otherwise_go_to_a_group_of_their_own() -> None:
     averager.update(0.5)
     for shadow, student in zip(shadows, students, strict=True):
         torch.testing.assert_close(shadow, 0.5 * student)
+
+
+def test_low_precision_students_are_widened_in_chunks_of_bounded_scratch() -> None:
+    # bf16 students, float32 shadows: each chunk widened into scratch memory kept from the first update, at most
+    # WIDENING_CHUNK elements or the largest tensor, then one same-dtype lerp per chunk.
+    from ignite_ema.averaging import WIDENING_CHUNK
+
+    gen = torch.Generator().manual_seed(0)
+    sizes = [WIDENING_CHUNK // 2 + 1, WIDENING_CHUNK // 2, 3, WIDENING_CHUNK // 4]
+    students = [torch.randn(n, generator=gen).to(torch.bfloat16) for n in sizes]
+    students.append(torch.randn(64, 32, generator=gen).to(torch.bfloat16).t())  # not contiguous
+    shadows = [torch.zeros_like(s, dtype=torch.float32) for s in students]  # laid out like their students
+    averager = ShadowAverager(shadows, students)
+    averager.update(0.25)
+    (group,) = averager._groups
+    plan = group._widening
+    assert plan is not None and len(plan) == 2  # the first tensor and half a chunk do not fit one chunk together
+    scratch = {v.untyped_storage().data_ptr() for _, _, views in plan for v in views}
+    assert (
+        len(scratch) == 1 and max(v.untyped_storage().nbytes() for _, _, vs in plan for v in vs) == 4 * WIDENING_CHUNK
+    )
+    averager.update(0.5)
+    assert group._widening is plan  # kept, not allocated again
+    for shadow, student in zip(shadows, students, strict=True):
+        expected = 0.5 * (0.25 * student.double()) + 0.5 * student.double()  # two updates from zero, closed form
+        torch.testing.assert_close(shadow.double(), expected, rtol=1e-6, atol=1e-7)
