@@ -3,13 +3,12 @@
 ``python -m benchmarks.bf16_bench``: on the three benchmark models in bf16, ``ModelEMA.update`` timed side by side
 with the floor of one fused pass, which reads the bf16 student and the float32 shadow and writes the shadow and
 the bf16 mirror: 12 bytes per element, timed as one float32 ``lerp_`` over a flat buffer of as many elements (read
-8, write 4). Today's path makes three passes (a scale, a mixed-dtype add, the mirror copy): about 24 bytes per
-element. One thread, the medians of paired rounds.
+8, write 4). The update makes three passes (the students widened to float32 in chunks, one ``lerp_``, the copy into
+the mirror): about 22 bytes per element. One thread, the medians of paired rounds.
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
 from collections.abc import Callable, Sequence
 from functools import partial
@@ -17,8 +16,8 @@ from typing import Any
 
 import torch
 
-from benchmarks.measure import Settings, calls_for, interleaved, mean_call_seconds, median, use_cpu_clock
-from benchmarks.models import MODELS, ModelSpec, describe
+from benchmarks.measure import Settings, calls_for, interleaved, mean_call_seconds, median, one_thread_models
+from benchmarks.models import ModelSpec, describe
 from benchmarks.report import paired_ratio, print_table, us
 from ignite_ema import ModelEMA
 
@@ -49,16 +48,8 @@ def bench_bf16(spec: ModelSpec, settings: Settings) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.bf16_bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=None, help="timed rounds (default 21; 3 with --quick)")
-    parser.add_argument("--quick", action="store_true", help="a fast smoke run")
-    parser.add_argument("--models", nargs="+", choices=[m.key for m in MODELS], default=[m.key for m in MODELS])
-    args = parser.parse_args(argv)
-    torch.set_num_threads(1)
-    use_cpu_clock(True)
-    settings = Settings(rounds=args.rounds or (3 if args.quick else 21), quick=args.quick)
-    torch.manual_seed(0)
-    results = [bench_bf16(spec, settings) for spec in MODELS if spec.key in args.models]
+    settings, specs = one_thread_models("python -m benchmarks.bf16_bench", __doc__.split("\n\n")[0], argv)
+    results = [bench_bf16(spec, settings) for spec in specs]
     rows = [[r["title"], r["ours_us"], r["floor_us"], r["x_floor"]] for r in results]
     print_table(
         "bf16 students: the update against the single-pass floor", ["model", "ours us", "floor us", "x floor"], rows

@@ -8,16 +8,13 @@ of an update on the two large-tensor models, 10% on the 1,800-tensor one.
 
 from __future__ import annotations
 
-import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any
 
-import torch
-
-from benchmarks.measure import Settings, calls_for, interleaved, mean_call_seconds, median, use_cpu_clock
-from benchmarks.models import MODELS, ModelSpec
+from benchmarks.measure import Settings, calls_for, interleaved, mean_call_seconds, median, one_thread_models
+from benchmarks.models import ModelSpec
 from benchmarks.report import paired_ratio, print_table, us
 from ignite_ema import ModelEMA
 
@@ -28,7 +25,7 @@ CHECK, UPDATE = "the check (TensorWatch.changed)", "update() (check included)"
 
 def bench_follow(spec: ModelSpec, settings: Settings) -> dict[str, Any]:
     ema = ModelEMA(spec.build(), handle_buffers="update")
-    calls = {CHECK: ema._watch.changed, UPDATE: partial(ema.update, MOMENTUM)}
+    calls: dict[str, Callable[[], object]] = {CHECK: ema._watch.changed, UPDATE: partial(ema.update, MOMENTUM)}
     runs = {
         name: partial(mean_call_seconds, fn, calls_for(fn, 0.005 if settings.quick else 0.02))
         for name, fn in calls.items()
@@ -59,16 +56,8 @@ def _yes(flag: bool) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.follow_bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=None, help="timed rounds (default 21; 3 with --quick)")
-    parser.add_argument("--quick", action="store_true", help="a fast smoke run")
-    parser.add_argument("--models", nargs="+", choices=[m.key for m in MODELS], default=[m.key for m in MODELS])
-    args = parser.parse_args(argv)
-    torch.set_num_threads(1)
-    use_cpu_clock(True)
-    settings = Settings(rounds=args.rounds or (3 if args.quick else 21), quick=args.quick)
-    torch.manual_seed(0)
-    results = [bench_follow(spec, settings) for spec in MODELS if spec.key in args.models]
+    settings, specs = one_thread_models("python -m benchmarks.follow_bench", __doc__.split("\n\n")[0], argv)
+    results = [bench_follow(spec, settings) for spec in specs]
     print_follow(results)
     return 0
 

@@ -17,6 +17,7 @@ torch runs on one thread (see :func:`use_cpu_clock`).
 
 from __future__ import annotations
 
+import argparse
 import gc
 import random
 import statistics
@@ -28,6 +29,8 @@ from time import perf_counter, thread_time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from benchmarks.models import MODELS, ModelSpec
+
 __all__ = [
     "Allocations",
     "Settings",
@@ -38,6 +41,7 @@ __all__ = [
     "interleaved",
     "mean_call_seconds",
     "median",
+    "one_thread_models",
     "profile_allocations",
     "use_cpu_clock",
 ]
@@ -168,3 +172,18 @@ def profile_allocations(fn: Callable[[], object]) -> Allocations:
             total += size
             count += 1
     return Allocations(peak_bytes=peak, total_bytes=total, count=count)
+
+
+def one_thread_models(prog: str, description: str, argv: Sequence[str] | None) -> tuple[Settings, list[ModelSpec]]:
+    """The command line of a per-model benchmark (``--rounds``, ``--quick``, ``--models``), with torch on one
+    thread timed by its CPU clock and seeded: the settings and the chosen ``benchmarks.models.MODELS``."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--rounds", type=int, default=None, help="timed rounds (default 21; 3 with --quick)")
+    parser.add_argument("--quick", action="store_true", help="a fast smoke run")
+    parser.add_argument("--models", nargs="+", choices=[m.key for m in MODELS], default=[m.key for m in MODELS])
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    use_cpu_clock(True)
+    torch.manual_seed(0)
+    settings = Settings(rounds=args.rounds or (3 if args.quick else 21), quick=args.quick)
+    return settings, [spec for spec in MODELS if spec.key in args.models]

@@ -33,6 +33,7 @@ __all__ = [
     "Transfer",
     "ValueSwap",
     "check_momentum",
+    "chunks_in",
     "shadow_dtype_for",
 ]
 
@@ -173,10 +174,16 @@ WIDENING_CHUNK = 1 << 22
 
 
 def _widening_plan(like: Sequence[Tensor]) -> list[tuple[int, int, list[Tensor]]]:
-    """Consecutive runs ``[start, end)`` of ``like`` that fit one scratch buffer, each with views into it laid out
-    like its tensors (so that multi-tensor kernels keep their fast path)."""
+    """:func:`chunks_in` a scratch buffer of ``like``'s dtype: the largest tensor, or up to ``WIDENING_CHUNK``."""
     capacity = max(max(t.numel() for t in like), min(sum(t.numel() for t in like), WIDENING_CHUNK))
-    flat = torch.empty(capacity, dtype=like[0].dtype, device=like[0].device)
+    return chunks_in(like, torch.empty(capacity, dtype=like[0].dtype, device=like[0].device))
+
+
+def chunks_in(like: Sequence[Tensor], flat: Tensor) -> list[tuple[int, int, list[Tensor]]]:
+    """Consecutive runs ``[start, end)`` of ``like`` that fit the flat buffer ``flat`` together, each with views into
+    ``flat`` laid out like its tensors (so that multi-tensor kernels keep their fast path). Each tensor must fit
+    ``flat`` alone."""
+    capacity = flat.numel()
     plan, start = [], 0
     while start < len(like):
         end, used, views = start, 0, []
@@ -333,31 +340,26 @@ class ValueSwap:
     def __init__(self, first: Sequence[Tensor], second: Sequence[Tensor]) -> None:
         _check_pairs(first, second, "second")
         self._groups = _Pairs.group([t.detach() for t in first], [t.detach() for t in second])
-        self._scratch: dict[torch.device, Tensor] = {}
+        scratch: dict[torch.device, Tensor] = {}
         for group in self._groups:
             size = max(t.numel() * t.element_size() for t in group.dst)
             device = group.dst[0].device
-            if device not in self._scratch or self._scratch[device].numel() < size:
-                self._scratch[device] = torch.empty(size, dtype=torch.uint8, device=device)
+            if device not in scratch or scratch[device].numel() < size:
+                scratch[device] = torch.empty(size, dtype=torch.uint8, device=device)
+        # Each group's chunks and their views into its device's buffer, read as the group's dtype, planned once.
+        self._plans = []
+        for group in self._groups:
+            buffer, itemsize = scratch[group.dst[0].device], group.dst[0].element_size()
+            flat = buffer[: buffer.numel() // itemsize * itemsize].view(group.dst[0].dtype)
+            self._plans.append((group, chunks_in(group.dst, flat)))
 
     @torch.no_grad()
     def exchange(self) -> None:
         """Exchange the values; a second call puts them back."""
-        for group in self._groups:
-            buffer = self._scratch[group.dst[0].device]
-            itemsize = group.dst[0].element_size()
-            capacity = buffer.numel() // itemsize
-            start = 0
-            while start < len(group.dst):
-                end, used = start, 0
-                while end < len(group.dst) and used + group.dst[end].numel() <= capacity:
-                    used += group.dst[end].numel()
-                    end += 1
+        for group, plan in self._plans:
+            for start, end, held in plan:
                 a, b = group.dst[start:end], group.src[start:end]
-                flat = buffer[: used * itemsize].view(a[0].dtype)
-                held = [v.view_as(t) for v, t in zip(torch.split(flat, [t.numel() for t in a]), a, strict=True)]
                 # Blocking copies: across devices, each has landed before the next reads its target.
                 torch._foreach_copy_(held, a)
                 torch._foreach_copy_(a, b)
                 torch._foreach_copy_(b, held)
-                start = end

@@ -22,6 +22,8 @@ from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor, Placement, distribute_tensor
 from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
 
+from ignite_ema.averaging import chunks_in
+
 __all__ = [
     "RankAverage",
     "ShardSpec",
@@ -129,9 +131,7 @@ class RankAverage:
         for (device, dtype), ((members,), _) in _group_tensors_by_device_and_dtype([list(self.tensors)]).items():
             tensors = [t for t in members if t is not None]
             flat = torch.empty(sum(t.numel() for t in tensors), device=collective_device(device), dtype=dtype)
-            views = [
-                v.view_as(t) for v, t in zip(torch.split(flat, [t.numel() for t in tensors]), tensors, strict=True)
-            ]
+            ((_, _, views),) = chunks_in(tensors, flat)  # one chunk: flat holds them all
             groups.append((tensors, flat, views))
         return groups
 
