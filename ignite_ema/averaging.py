@@ -27,6 +27,7 @@ from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
 
 __all__ = [
     "WIDENING_CHUNK",
+    "WIDENING_CHUNK_CPU",
     "FiniteCheck",
     "ShadowAverager",
     "TensorCopier",
@@ -110,8 +111,8 @@ class _Pairs:
     copy through :class:`Transfer`, and their sources are staged in memory of their own, allocated once.
     """
 
-    def __init__(self, dst: list[Tensor], src: list[Tensor]) -> None:
-        self.dst, self.src = dst, src
+    def __init__(self, dst: list[Tensor], src: list[Tensor], mirror: list[Tensor] | None = None) -> None:
+        self.dst, self.src, self.mirror = dst, src, mirror
         self.same_dtype = dst[0].dtype == src[0].dtype
         self.same_device = dst[0].device == src[0].device
         self.transfer = (
@@ -123,43 +124,84 @@ class _Pairs:
         self._widening: list[tuple[int, int, list[Tensor]]] | None = None
 
     @staticmethod
-    def group(dst: Sequence[Tensor], src: Sequence[Tensor]) -> list[_Pairs]:
+    def group(
+        dst: Sequence[Tensor], src: Sequence[Tensor], mirrors: Sequence[Tensor | None] | None = None
+    ) -> list[_Pairs]:
+        """The pairs grouped; with ``mirrors``, each destination's narrower copy (or ``None``) kept in its group."""
         # Multi-tensor kernels take their fast path only when every pair has equal strides (aten's
         # check_fast_path_restrictions): a pair laid out otherwise (a channels_last student beside a contiguous
         # EMA) goes to a group of its own instead of sending the whole group to per-tensor kernels.
-        buckets: dict[
-            tuple[torch.device, torch.dtype, torch.device, torch.dtype, bool], tuple[list[Tensor], list[Tensor]]
-        ]
-        buckets = {}
-        for d, s in zip(dst, src, strict=True):
-            lists = buckets.setdefault((d.device, d.dtype, s.device, s.dtype, d.stride() == s.stride()), ([], []))
+        buckets: dict[tuple[object, ...], tuple[list[Tensor], list[Tensor], list[Tensor]]] = {}
+        for d, s, m in zip(dst, src, mirrors or [None] * len(dst), strict=True):
+            mirrored = None if m is None else (m.device, m.dtype, m.stride() == d.stride())
+            key = (d.device, d.dtype, s.device, s.dtype, d.stride() == s.stride(), mirrored)
+            lists = buckets.setdefault(key, ([], [], []))
             lists[0].append(d)
             lists[1].append(s)
-        return [_Pairs(d, s) for d, s in buckets.values()]
+            if m is not None:
+                lists[2].append(m)
+        return [_Pairs(d, s, m or None) for d, s, m in buckets.values()]
 
     def sources_here(self) -> list[Tensor]:
         """The sources, on the destinations' device and ready to read: themselves, or their staged copies."""
         if self.transfer is None:
             return self.src
-        if self._staging is None:  # pinned host memory for copies off a device, so that they can be asynchronous
+        self.transfer.copy(self.staging(), self.src)
+        return self.staging()
+
+    def staging(self) -> list[Tensor]:
+        """Memory of the sources' shapes on the destinations' device, allocated at the first call and kept (pinned
+        on the host for copies off a device, so that they can be asynchronous)."""
+        if self._staging is None:
             pin = self.dst[0].device.type == "cpu" and self.src[0].device.type != "cpu"
             self._staging = [torch.empty_like(s, device=self.dst[0].device, pin_memory=pin) for s in self.src]
-        self.transfer.copy(self._staging, self.src)
         return self._staging
 
-    def lerp_widened(self, sources: list[Tensor], weight: float) -> None:
-        """``dst[i].lerp_(sources[i], weight)`` for sources of a narrower dtype (bf16 students, float32 shadows).
+    def runs(self) -> list[tuple[int, int]]:
+        """Consecutive ranges ``[start, end)`` of pairs, each of at most ``WIDENING_CHUNK`` elements or one larger
+        tensor: the chunks that a pipelined update stages and averages one after the other (for narrower sources,
+        the chunks that :meth:`lerp_widened` widens)."""
+        return [(start, end) for start, end, _ in _runs(self.dst, _capacity(self.dst))]
+
+    def stage(self, start: int, end: int) -> None:
+        """Queue the copy of sources ``[start, end)`` into :meth:`staging`, without waiting for it to land."""
+        torch._foreach_copy_(self.staging()[start:end], self.src[start:end], non_blocking=True)
+
+    def average(self, sources: list[Tensor], weight: float, start: int = 0, end: int | None = None) -> None:
+        """``dst[i].lerp_(sources[i], weight)`` for the pairs ``[start, end)`` (all by default; otherwise one of
+        :meth:`runs`)."""
+        if self.same_dtype and start == 0 and end is None:
+            torch._foreach_lerp_(self.dst, sources, weight)
+            self.copy_to_mirror(start, end)
+        elif self.same_dtype:
+            torch._foreach_lerp_(self.dst[start:end], sources[start:end], weight)
+            self.copy_to_mirror(start, end)
+        else:
+            self.lerp_widened(sources, weight, start, len(self.dst) if end is None else end)
+
+    def copy_to_mirror(self, start: int = 0, end: int | None = None) -> None:
+        """``mirror[i].copy_(dst[i])`` for the pairs ``[start, end)``, if the destinations have mirrors."""
+        if self.mirror is not None:
+            torch._foreach_copy_(self.mirror[start:end], self.dst[start:end])
+
+    def lerp_widened(self, sources: list[Tensor], weight: float, start: int, end: int) -> None:
+        """``dst[i].lerp_(sources[i], weight)`` for the pairs ``[start, end)`` whose sources are of a narrower dtype
+        (bf16 students, float32 shadows).
 
         ``lerp`` needs equal dtypes, and a mixed-dtype ``add_`` runs one tensor at a time (on a GPU: aten's slow
         path; on this CPU: 2.6x the time of what follows). Instead each chunk of sources is widened into scratch
-        memory of the destinations' dtype, then averaged: two same-dtype multi-tensor calls per chunk. The scratch
-        is allocated at the first call and kept: the largest tensor, or up to ``WIDENING_CHUNK`` elements.
+        memory of the destinations' dtype, then averaged, then copied to the mirrors: three same-dtype
+        multi-tensor calls per chunk, on a chunk small enough that the second and third read what the one before
+        wrote from the cache, so that memory sees about one pass. The scratch is allocated at the first call and
+        kept: the largest tensor, or up to ``WIDENING_CHUNK`` elements.
         """
         if self._widening is None:
             self._widening = _widening_plan(self.dst)
-        for start, end, widened in self._widening:
-            torch._foreach_copy_(widened, sources[start:end])
-            torch._foreach_lerp_(self.dst[start:end], widened, weight)
+        for first, last, widened in self._widening:
+            if start <= first and last <= end:
+                torch._foreach_copy_(widened, sources[first:last])
+                torch._foreach_lerp_(self.dst[first:last], widened, weight)
+                self.copy_to_mirror(first, last)
 
     def copy_sources(self) -> None:
         """``dst[i].copy_(src[i])`` for every pair, landed before the host reads the destinations."""
@@ -169,29 +211,46 @@ class _Pairs:
             self.transfer.copy(self.dst, self.src)
 
 
-#: Elements of scratch memory (float32: 16 MB) that widening low-precision students may take, or the largest tensor.
+#: Elements of a widening chunk on an accelerator (float32 scratch: 16 MB): large enough that its three launches are
+#: worth their cost.
 WIDENING_CHUNK = 1 << 22
+#: On a CPU (4 MB): small enough that a chunk's scratch, shadows and mirrors stay in the last-level cache between its
+#: three calls.
+WIDENING_CHUNK_CPU = 1 << 20
+
+
+def _capacity(like: Sequence[Tensor]) -> int:
+    """Elements of a chunk of ``like``: the largest tensor, or up to ``WIDENING_CHUNK`` for its device."""
+    chunk = WIDENING_CHUNK_CPU if like[0].device.type == "cpu" else WIDENING_CHUNK
+    return max(max(t.numel() for t in like), min(sum(t.numel() for t in like), chunk))
 
 
 def _widening_plan(like: Sequence[Tensor]) -> list[tuple[int, int, list[Tensor]]]:
-    """:func:`chunks_in` a scratch buffer of ``like``'s dtype: the largest tensor, or up to ``WIDENING_CHUNK``."""
-    capacity = max(max(t.numel() for t in like), min(sum(t.numel() for t in like), WIDENING_CHUNK))
-    return chunks_in(like, torch.empty(capacity, dtype=like[0].dtype, device=like[0].device))
+    """:func:`chunks_in` a scratch buffer of ``like``'s dtype, of :func:`_capacity` elements."""
+    return chunks_in(like, torch.empty(_capacity(like), dtype=like[0].dtype, device=like[0].device))
 
 
 def chunks_in(like: Sequence[Tensor], flat: Tensor) -> list[tuple[int, int, list[Tensor]]]:
     """Consecutive runs ``[start, end)`` of ``like`` that fit the flat buffer ``flat`` together, each with views into
     ``flat`` laid out like its tensors (so that multi-tensor kernels keep their fast path). Each tensor must fit
     ``flat`` alone."""
-    capacity = flat.numel()
+    return [
+        (start, end, [_view_like(flat, offset, t) for offset, t in placed])
+        for start, end, placed in _runs(like, flat.numel())
+    ]
+
+
+def _runs(like: Sequence[Tensor], capacity: int) -> list[tuple[int, int, list[tuple[int, Tensor]]]]:
+    """Consecutive runs ``[start, end)`` of ``like`` of at most ``capacity`` elements together, each with the offset
+    of each of its tensors in a buffer of that size."""
     plan, start = [], 0
     while start < len(like):
-        end, used, views = start, 0, []
+        end, used, placed = start, 0, []
         while end < len(like) and used + like[end].numel() <= capacity:
-            views.append(_view_like(flat, used, like[end]))
+            placed.append((used, like[end]))
             used += like[end].numel()
             end += 1
-        plan.append((start, end, views))
+        plan.append((start, end, placed))
         start = end
     return plan
 
@@ -243,16 +302,27 @@ class ShadowAverager:
             bf16/fp16 students, float32 tensors; see :func:`shadow_dtype_for`).
         students: the tensors averaged, in the same order and of the same
             shapes; :meth:`bind` pairs the shadows with new ones.
+        mirrors: for each shadow, ``None`` or a tensor of a narrower dtype
+            set to the shadow's value, rounded, after every write (the bf16
+            EMA model of a float32 shadow): written chunk by chunk with it.
 
     The pairs are grouped once, at :meth:`bind`; an update is then one
     multi-tensor call per group, with nothing looked up and, unless shadow and
     student are on different devices, nothing allocated.
     """
 
-    def __init__(self, shadows: Sequence[Tensor], students: Sequence[Tensor]) -> None:
+    def __init__(
+        self, shadows: Sequence[Tensor], students: Sequence[Tensor], mirrors: Sequence[Tensor | None] | None = None
+    ) -> None:
         # Plain (detached) views of the same storage: the multi-tensor kernels dispatch measurably faster on them
         # than on nn.Parameter objects.
         self.shadows = [s.detach() for s in shadows]
+        mirrors = [None] * len(self.shadows) if mirrors is None else list(mirrors)
+        if len(mirrors) != len(self.shadows):
+            raise ValueError(f"expected {len(self.shadows)} mirrors (a tensor or None each), found {len(mirrors)}")
+        paired = [(s, m) for s, m in zip(self.shadows, mirrors, strict=True) if m is not None]
+        _check_pairs([s for s, _ in paired], [m for _, m in paired], "mirror")
+        self.mirrors = [None if m is None else m.detach() for m in mirrors]
         self.students: list[Tensor] = []
         self._groups: list[_Pairs] = []
         self.bind(students)
@@ -261,24 +331,26 @@ class ShadowAverager:
         """Pair the shadows with (possibly new) student tensors of the same shapes."""
         _check_pairs(self.shadows, students, "student")
         self.students = [s.detach() for s in students]
-        self._groups = _Pairs.group(self.shadows, self.students)
+        self._groups = _Pairs.group(self.shadows, self.students, self.mirrors)
+
+    @property
+    def groups(self) -> list[_Pairs]:
+        """The ``(shadow, student)`` pairs as grouped for one multi-tensor call each."""
+        return self._groups
 
     @torch.no_grad()
     def update(self, momentum: float) -> None:
         """``shadow = (1 - momentum) * shadow + momentum * student``, with ``momentum`` in [0, 1]."""
         momentum = check_momentum(momentum)
         for group in self._groups:
-            students = group.sources_here()
-            if group.same_dtype:
-                torch._foreach_lerp_(group.dst, students, momentum)
-            else:
-                group.lerp_widened(students, momentum)
+            group.average(group.sources_here(), momentum)
 
     @torch.no_grad()
     def copy_students(self) -> None:
         """Set every shadow to its student's current value: the average restarts there."""
         for group in self._groups:
             group.copy_sources()
+            group.copy_to_mirror()
 
 
 class FiniteCheck:

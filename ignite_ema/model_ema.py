@@ -28,6 +28,7 @@ tensor([[1., 1.]], requires_grad=True)
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -53,6 +54,7 @@ from ignite_ema.averaging import (
     check_momentum,
     shadow_dtype_for,
 )
+from ignite_ema.background import Background, WaitBeforeForward, release_students
 from ignite_ema.distributed import (
     RankAverage,
     ShardSpec,
@@ -145,6 +147,13 @@ class ModelEMA:
             are then held in their shadow dtype alone (4 bytes a parameter of a
             bf16 student instead of 4 + 2), on ``device`` if given; read them
             through :meth:`swapped`, :meth:`state_dict` or :meth:`model_state_dict`.
+        asynchronous: let :meth:`update` return at once and average beside the
+            next forward and backward passes (a worker thread on the CPU, a
+            side stream on a GPU; see :mod:`ignite_ema.background`). Results
+            are bit-identical: the next ``optimizer.step()`` and every method
+            here wait for it, and so does a forward pass of ``ema_model``; user
+            code that reads the EMA's tensors otherwise calls :meth:`wait` first.
+            Buffers, which forward passes write, are still read in the call.
 
     Attributes:
         schedule: the :class:`~ignite_ema.MomentumSchedule` that :meth:`update`
@@ -181,6 +190,7 @@ class ModelEMA:
         device: torch.device | str | None = None,
         shadow_dtype: torch.dtype | None = None,
         tensors_only: bool = False,
+        asynchronous: bool = False,
     ) -> None:
         self.schedule = MomentumSchedule.of(
             momentum=momentum,
@@ -211,6 +221,7 @@ class ModelEMA:
             raise ValueError("give device= or ema_model=, not both: an ema_model stays where it is")
         if check_bool("tensors_only", tensors_only) and ema_model is not None:
             raise ValueError("give ema_model= or tensors_only=True, not both: tensors_only keeps no module")
+        self._background = Background() if check_bool("asynchronous", asynchronous) else None
         if tensors_only and handle_buffers == "ema_train":
             raise ValueError(
                 "handle_buffers='ema_train' needs an EMA model that runs forward passes, and tensors_only=True keeps "
@@ -274,11 +285,21 @@ class ModelEMA:
         self._follows_device = placed is None and all(targets[n].device == local(t).device for n, t in student.items())
         self._has_statistics = any(r.is_buffer and r.dtype.is_floating_point for r in self._records.values())
 
-        self._averager = ShadowAverager(
-            [self._records[n].state for n in averaged], [local(student[n]) for n in averaged]
-        )
-        # Averages kept wider than their EMA-model tensor (float32 shadows of bf16): the tensor is their mirror.
+        # Asynchronous updates average in the background what only the optimiser writes (parameters), and in the
+        # call what forward passes write too (buffers).
+        self._in_call = [n for n in averaged if self._background is not None and self._records[n].is_buffer]
+        self._in_background = [n for n in averaged if n not in self._in_call]
+        # Averages kept wider than their EMA-model tensor (float32 shadows of bf16): the tensor is their mirror,
+        # written by the averager with them.
         self._mirrored = [n for n in averaged if self._records[n].state is not self._records[n].target]
+        self._averager, self._averager_in_call = (
+            ShadowAverager(
+                [self._records[n].state for n in names],
+                [local(student[n]) for n in names],
+                [self._records[n].target if n in self._mirrored else None for n in names],
+            )
+            for names in (self._in_background, self._in_call)
+        )
         self._mirror = TensorCopier(
             [self._records[n].target for n in self._mirrored], [self._records[n].state for n in self._mirrored]
         )
@@ -290,6 +311,15 @@ class ModelEMA:
         self._warned: set[str] = set()
         self._bind(student)
         self._mirror_versions = self._versions()
+        if self._background is not None and self._ema_model is not None:
+            self._ema_model.register_forward_pre_hook(WaitBeforeForward(self._background))
+
+    def __del__(self) -> None:
+        # On a GPU, an asynchronous update may still be writing the EMA's tensors on its side stream: the stream that
+        # frees them waits for it first, so that the caching allocator does not hand their memory out too early.
+        background = getattr(self, "_background", None)
+        if background is not None and not sys.is_finalizing():
+            background.wait()
 
     def _ema_module(
         self,
@@ -386,6 +416,7 @@ class ModelEMA:
                 "be deep-copied. Read it through swapped() or model_state_dict(), or pass "
                 "ema_model=fully_shard(<a second instance of the model>) to have a module"
             )
+        self.wait()  # a reader of the module sees no update in flight
         return self._ema_model
 
     @property
@@ -414,7 +445,10 @@ class ModelEMA:
         shards = {n: local(t) for n, t in student.items()}
         averaged, copied = self._names(AVERAGED), self._names(COPIED)
         self._warn_about_layouts(averaged, shards)
-        self._averager.bind([shards[n] for n in averaged])
+        self._averager.bind([shards[n] for n in self._in_background])
+        self._averager_in_call.bind([shards[n] for n in self._in_call])
+        if self._background is not None:
+            self._background.place(self._averager.students, self._averager.shadows)
         self._copier = TensorCopier([self._records[n].target for n in copied], [shards[n] for n in copied])
         self._finite = FiniteCheck([shards[n] for n in (*averaged, *copied)])
         self._finite_names = [n for n in (*averaged, *copied) if _can_be_nonfinite(shards[n])]
@@ -444,6 +478,7 @@ class ModelEMA:
         model whose tensors were replaced.
         Ignite's :class:`~ignite_ema.EMAHandler` calls this when a run starts.
         """
+        self.wait()
         reshard(self._sharded_student)
         student = named_tensors(self.model)
         check_same_shapes(
@@ -555,18 +590,32 @@ class ModelEMA:
 
     def _average(self, momentum: float) -> None:
         """:meth:`update` without its argument's checks: for a caller (the handler) whose schedule checked it."""
-        self._refuse_while_swapped("update")
+        self._before_access("update")
         self._follow_student()
         self._adopt_outside_writes()
-        self._averager.update(momentum)
-        self._after_update()
+        if self._background is None:
+            self._averager.update(momentum)
+            self._after_update()
+            return
+        self._averager_in_call.update(momentum)
+        self._copier.copy()
+        reshard(self._sharded_ema)
+        self._background.start(self._averager, momentum, self._note_mirrors)
 
     def copy_student(self) -> None:
         """Set the EMA to the student's current values (buffers per the mode): the average restarts there."""
-        self._refuse_while_swapped("copy_student")
+        self._before_access("copy_student")
         self._follow_student()
         self._averager.copy_students()
+        self._averager_in_call.copy_students()
         self._after_update()
+
+    def wait(self) -> None:
+        """Return when the update in flight (``asynchronous=True``) is over: call it before reading or writing the
+        EMA's tensors other than through this object or a forward pass of ``ema_model`` (``ema_model.state_dict()``,
+        ``param.cpu()``). A no-op for synchronous updates, and when none is in flight."""
+        if self._background is not None:
+            self._background.wait()
 
     def _follow_student(self) -> None:
         """Pair the EMA with the student's tensors again if any were replaced since they were paired (cheap when
@@ -575,14 +624,21 @@ class ModelEMA:
             self.rebind()
 
     def _after_update(self) -> None:
+        """After the averagers (which write the mirrors): copies, versions, FSDP2's gathered copies."""
         self._copier.copy()
-        self._after_write()
+        self._note_mirrors()
+        reshard(self._sharded_ema)
 
     def _after_write(self) -> None:
-        """Bring the EMA model's tensors in line with the averages: mirrors, versions, FSDP2's gathered copies."""
+        """Bring the EMA model's tensors in line with the averages written otherwise: mirrors, versions, FSDP2's
+        gathered copies."""
         self._mirror.copy()
-        self._mirror_versions = self._versions()
+        self._note_mirrors()
         reshard(self._sharded_ema)
+
+    def _note_mirrors(self) -> None:
+        """The mirrors' versions now, against which :meth:`_adopt_outside_writes` finds writes from outside."""
+        self._mirror_versions = self._versions()
 
     def _versions(self) -> list[int]:
         return [t._version for t in self._mirror.targets]
@@ -627,6 +683,7 @@ class ModelEMA:
         catches writes through ``.data``. Ignite's handler calls it when a run
         starts.
         """
+        self.wait()
         self._adopt_outside_writes(compare_all=True)
 
     # ------------------------------------------------------------------ non-finite students and ranks
@@ -659,7 +716,7 @@ class ModelEMA:
         leaves out the spread of the means between them: the usual
         SyncBatchNorm-free approximation.
         """
-        self._refuse_while_swapped("average_buffers_across_ranks")
+        self._before_access("average_buffers_across_ranks")
         self._buffer_average()
         self._after_write()
 
@@ -682,7 +739,7 @@ class ModelEMA:
         Swaps do not nest, and :meth:`update` and the state calls refuse to run
         inside one.
         """
-        self._refuse_while_swapped("swapped")
+        self._before_access("swapped")
         self.rebind()
         student = {n: local(t) for n, t in named_tensors(self.model).items()}
         targets = {n: r.target for n, r in self._records.items()}
@@ -692,6 +749,7 @@ class ModelEMA:
         swap = ValueSwap([student[n] for n in same], [targets[n] for n in same])
         reshard(self._sharded_ema)
         wait_for_host_reads(student.values())
+        release_students()  # another EMA's update may still read the student
         swap.exchange()
         with torch.no_grad():
             for name in wider:
@@ -703,6 +761,7 @@ class ModelEMA:
             # Forwards inside gathered the EMA's values; the student's next forward must gather its own.
             reshard([*self._sharded_student, *self._sharded_ema])
             wait_for_host_reads(student.values())
+            release_students()
             swap.exchange()
             with torch.no_grad():
                 for name, kept in zip(wider, parked, strict=True):
@@ -715,7 +774,9 @@ class ModelEMA:
         """Whether the student holds the EMA's values now (inside :meth:`swapped`)."""
         return self._swapped
 
-    def _refuse_while_swapped(self, what: str) -> None:
+    def _before_access(self, what: str) -> None:
+        """Every read or write of the EMA starts here: refused inside a swap, and after the update in flight."""
+        self.wait()
         if self._swapped:
             raise RuntimeError(
                 f"{what}() was called while the EMA is swapped into the student (inside `with ema.swapped():`), "
@@ -735,7 +796,7 @@ class ModelEMA:
         out (torch's ``full_state_dict`` with ``cpu_offload`` does the same).
         Device memory peaks at one whole tensor.
         """
-        self._refuse_while_swapped("state_dict")
+        self._before_access("state_dict")
         tensors = {}
         writes = rank() == 0
         for name, record in self._records.items():
@@ -757,7 +818,7 @@ class ModelEMA:
                 for ``dcp.load`` to fill before :meth:`load_state_dict` checks it
                 (all or nothing). Saving only reads, so views serve it.
         """
-        self._refuse_while_swapped("sharded_state_dict")
+        self._before_access("sharded_state_dict")
         tensors = {}
         for name, record in self._records.items():
             held = record.state.clone() if copy else record.state
@@ -776,7 +837,7 @@ class ModelEMA:
         module's ``get_extra_state()``, what state-dict hooks add) are the
         student's own.
         """
-        self._refuse_while_swapped("model_state_dict")
+        self._before_access("model_state_dict")
         canonical = {id(t): n for n, t in named_tensors(self.model).items()}
         exported: dict[str, Any] = {}
         for key, tensor in self.model.state_dict(keep_vars=True).items():
@@ -828,7 +889,7 @@ class ModelEMA:
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Restore :meth:`state_dict` or :meth:`sharded_state_dict`, all or nothing: a state that does not fit raises
         before anything changes. Whole tensors of a sharded EMA are cut to each rank's shard, with no collective."""
-        self._refuse_while_swapped("load_state_dict")
+        self._before_access("load_state_dict")
         self.check_state_dict(state_dict)
         with torch.no_grad():
             for name, tensor in state_dict["tensors"].items():

@@ -166,8 +166,8 @@ def test_pairs_laid_out_otherwise_go_to_a_group_of_their_own() -> None:
 
 def test_low_precision_students_are_widened_in_chunks_of_bounded_scratch() -> None:
     # bf16 students, float32 shadows: each chunk widened into scratch memory kept from the first update, at most
-    # WIDENING_CHUNK elements or the largest tensor, then one same-dtype lerp per chunk.
-    from ignite_ema.averaging import WIDENING_CHUNK
+    # WIDENING_CHUNK_CPU elements or the largest tensor, then one same-dtype lerp per chunk.
+    from ignite_ema.averaging import WIDENING_CHUNK_CPU as WIDENING_CHUNK
 
     gen = torch.Generator().manual_seed(0)
     sizes = [WIDENING_CHUNK // 2 + 1, WIDENING_CHUNK // 2, 3, WIDENING_CHUNK // 4]
@@ -188,3 +188,30 @@ def test_low_precision_students_are_widened_in_chunks_of_bounded_scratch() -> No
     for shadow, student in zip(shadows, students, strict=True):
         expected = 0.5 * (0.25 * student.double()) + 0.5 * student.double()  # two updates from zero, closed form
         torch.testing.assert_close(shadow.double(), expected, rtol=1e-6, atol=1e-7)
+
+
+def test_mirrors_hold_each_shadow_rounded_after_every_write() -> None:
+    # A bf16 EMA model beside float32 shadows: the averager writes each mirror with its chunk, after updates and
+    # after copies of the students alike; pairs without a mirror are left to themselves.
+    gen = torch.Generator().manual_seed(0)
+    students = [torch.randn(n, generator=gen).to(torch.bfloat16) for n in (5, 3, 7)]
+    shadows = [torch.zeros(s.shape) for s in students]
+    mirrors: list[torch.Tensor | None] = [
+        torch.zeros(5, dtype=torch.bfloat16),
+        None,
+        torch.zeros(7, dtype=torch.bfloat16),
+    ]
+    averager = ShadowAverager(shadows, students, mirrors)
+    averager.update(0.3)
+    for shadow, student, mirror in zip(shadows, students, mirrors, strict=True):
+        torch.testing.assert_close(shadow, 0.3 * student.float(), rtol=1e-6, atol=1e-7)
+        if mirror is not None:
+            assert torch.equal(mirror, shadow.to(torch.bfloat16))
+    for student in students:
+        student.add_(1)
+    averager.copy_students()
+    assert torch.equal(mirrors[0], students[0]) and torch.equal(mirrors[2], students[2])
+    with pytest.raises(ValueError, match="expected 3 mirrors"):
+        ShadowAverager(shadows, students, mirrors[:2])
+    with pytest.raises(ValueError, match=r"shape \(5,\) here, \(4,\) in the mirror"):
+        ShadowAverager(shadows, students, [torch.zeros(4, dtype=torch.bfloat16), None, None])

@@ -113,6 +113,10 @@ class EMAHandler(Serializable):
         skip_nonfinite: skip an update when a student tensor it reads has NaN
             or Inf (counted, warned about once, agreed across ranks); the
             next update's ``delta`` spans the skipped one.
+        asynchronous: average beside the next iteration's forward and backward
+            passes instead of in the event (see :class:`~ignite_ema.ModelEMA`);
+            the optimiser's step, an evaluator's or a teacher's forward pass,
+            the swap and the state wait for it. Bit-identical results.
 
     Attributes:
         ema_model: the averaged model (``requires_grad`` off).
@@ -171,6 +175,7 @@ class EMAHandler(Serializable):
         shadow_dtype: torch.dtype | None = None,
         sync_buffers: str | None = None,
         skip_nonfinite: bool = False,
+        asynchronous: bool = False,
     ) -> None:
         # Ignite's default momentum applies when neither momentum nor half_life is given (and is not warned about);
         # a momentum passed on purpose is checked like any other.
@@ -198,8 +203,17 @@ class EMAHandler(Serializable):
         self._skip_nonfinite = check_bool("skip_nonfinite", skip_nonfinite)
 
         self._ema = ModelEMA(
-            model, handle_buffers, exclude=exclude, ema_model=ema_model, device=device, shadow_dtype=shadow_dtype
+            model,
+            handle_buffers,
+            exclude=exclude,
+            ema_model=ema_model,
+            device=device,
+            shadow_dtype=shadow_dtype,
+            asynchronous=asynchronous,
         )
+        # The module itself, for what the handler does to it (its mode, a probe) without waiting for an update in
+        # flight the way a reader of ema_model does.
+        self._ema_module = self._ema.ema_model if self._ema.has_ema_model else None
         self.model = self._ema.model
         self.handle_buffers = handle_buffers
         self.momentum: float | None = schedule.momentum
@@ -219,6 +233,10 @@ class EMAHandler(Serializable):
     def ema_model(self) -> nn.Module:
         """The averaged model; see :attr:`ignite_ema.ModelEMA.ema_model` (a sharded student may have none)."""
         return self._ema.ema_model
+
+    def wait(self) -> None:
+        """Return when the update in flight (``asynchronous=True``) is over; see :meth:`ignite_ema.ModelEMA.wait`."""
+        self._ema.wait()
 
     @property
     def has_ema_model(self) -> bool:
@@ -289,9 +307,9 @@ class EMAHandler(Serializable):
     # ------------------------------------------------------------------ per iteration
 
     def _on_iteration_started(self, engine: Engine) -> None:
-        if not self._ema.has_ema_model:  # a sharded student's EMA without a module
+        ema_model = self._ema_module
+        if ema_model is None:  # a sharded student's EMA without a module
             return
-        ema_model = self._ema.ema_model
         self._set_ema_mode(ema_model)
         if self._watching_forwards() and self._probe_handle is None:
             self._probe = self._probe or _ForwardProbe(engine)
