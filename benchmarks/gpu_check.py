@@ -12,7 +12,14 @@ its figures and wall time:
    synchronisation costs per update;
 5. the update against the floor (one ``lerp_`` over a flat buffer of as many
    elements), timed with CUDA events, on the benchmark models;
-6. races made deterministic: the student's write is queued behind ~70 ms of
+6. ``update_vs_floor``: fp32 and bf16 students (float32 shadows, bf16 mirrors)
+   against the bandwidth floor, the 12 bytes per element one pass moves at the
+   speed of a flat 1 GiB device copy measured in the same run (the goal, at
+   most 1.2x, is reported, not asserted);
+7. ``launches_per_update``: the kernels (and copies) one update runs on the
+   GPU, counted with ``torch.profiler``: fp32 and bf16, synchronous and
+   asynchronous;
+8. races made deterministic: the student's write is queued behind ~70 ms of
    GPU work (``torch.cuda._sleep``), then the EMA call runs and the host reads
    the EMA at once. With ``update(1.0)`` (or ``copy_student``) the EMA must be
    the student's new values bit for bit; a device-to-host copy that is not
@@ -20,13 +27,27 @@ its figures and wall time:
    ``device="cpu"``, copied buffers and ``copy_student`` into a pinned CPU
    ``ema_model``, an update into one, the swap with a CPU EMA, and the swap of a
    pinned (CPU-offloaded) student while an upload of it is queued;
-7. host synchronisations (``torch.cuda.set_sync_debug_mode("warn")``): none in
-   a same-device update, one per group of pairs in a cross-device one;
-8. peak device memory: ``ModelEMA(..., device="cpu")`` construction and
-   ``model_state_dict()`` (about zero), a one-GPU FSDP2 ``state_dict()``
-   (tensors on the CPU, peak at most the largest tensor);
-9. a one-GPU NCCL group with a CPU EMA and ``sync_buffers="update"``;
-10. ``device="cuda"`` resolved to the student's GPU.
+9. ``async_bit_identical``: ``asynchronous=True`` (a side stream beside the
+   student; for ``device="cpu"`` the pinned pipeline and its worker thread)
+   gives the synchronous EMA bit for bit, fp32 and bf16: over a few SGD steps
+   of a convnet with BatchNorm (tensors, ``state_dict()``, teacher outputs),
+   and when the EMA's reads of the student are held back by queued GPU work
+   while an optimiser step, on the same stream or another, writes it (its
+   step pre-hook must order the write after the reads); and ``wait()`` orders
+   the caller's stream after the update's writes even when the step's hook
+   released the student on another stream first;
+10. host synchronisations (``torch.cuda.set_sync_debug_mode("warn")``): none
+    in a same-device update, synchronous or asynchronous (with the optimiser's
+    wait for it and ``wait()``), one per group of pairs in a cross-device one;
+11. peak device memory: ``ModelEMA(..., device="cpu")`` construction and
+    ``model_state_dict()`` (about zero), a one-GPU FSDP2 ``state_dict()``
+    (tensors on the CPU, peak at most the largest tensor);
+12. ``async_step_overhead``: the training step of a ~100M-parameter bf16
+    transformer (tens of ms) with no EMA, a synchronous and an asynchronous
+    EMA on the GPU, and an EMA on the CPU updated at every step and at every
+    50th, synchronous and asynchronous: times and ratios, side by side;
+13. a one-GPU NCCL group with a CPU EMA and ``sync_buffers="update"``;
+14. ``device="cuda"`` resolved to the student's GPU.
 
 Every check is isolated: an error of any kind is reported as a FAIL line and
 the next check runs. ``--device cpu`` runs the checks that mean something on
@@ -45,6 +66,7 @@ import socket
 import sys
 import time
 import warnings
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from functools import partial
@@ -57,6 +79,7 @@ from torch import Tensor, nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
+from torch.profiler import ProfilerActivity, profile
 
 from benchmarks.measure import mean_call_seconds
 from benchmarks.models import MODELS, describe
@@ -71,8 +94,19 @@ WIDTH = 4096
 #: What the caching allocator may add to a request (it hands out a whole cached block when splitting it would
 #: leave less than 1 MiB).
 SLACK_BYTES = 1 << 20
-#: Updates per counted run of host synchronisations.
+#: Updates per counted run of host synchronisations, and per profiled run of kernel launches.
 UPDATES = 3
+#: Bytes an update moves per averaged element at least, in one pass: a float32 student is read (4) and its shadow
+#: read and written (4 + 4); a bf16 student is read (2), its float32 shadow read and written (4 + 4) and the shadow's
+#: bf16 mirror in the EMA model written (2).
+BYTES_PER_ELEMENT = 12
+#: Bytes of the flat device copy whose speed sets the bandwidth floor.
+COPY_BYTES = 1 << 30
+#: Steps timed per configuration of the step-overhead check, and steps between the updates of its sparse CPU EMA.
+TIMED_STEPS, SPARSE_EVERY = 15, 50
+#: The step-overhead check's transformer (width, layers: ~100M parameters) and batch (sequences, tokens): a step of
+#: tens of ms on an H100.
+STEP_WIDTH, STEP_LAYERS, STEP_BATCH = 1024, 8, (32, 512)
 
 
 class Skipped(Exception):
@@ -195,6 +229,58 @@ def _host_syncs(fn: Callable[[], object]) -> int:
 def _updates(ema: ModelEMA, count: int) -> None:
     for _ in range(count):
         ema.update(0.1)
+
+
+def _updates_then_wait(ema: ModelEMA, count: int) -> None:
+    _updates(ema, count)
+    ema.wait()
+
+
+def _device_activities(fn: Callable[[], object], per: int) -> dict[str, float]:
+    """What ``fn`` runs on the GPU, by kind (``kernel``, ``gpu_memcpy``, ``gpu_memset``), as ``torch.profiler``
+    records it on every stream, divided by ``per``; an error if it recorded no kernel at all (no CUPTI)."""
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    kinds = Counter(str(event.activity_type) for event in prof.events())
+    found = {kind: kinds[kind] / per for kind in ("kernel", "gpu_memcpy", "gpu_memset") if kinds[kind]}
+    if "kernel" not in found:
+        raise AssertionError(f"the profiler recorded no CUDA kernel (activities: {dict(kinds)}): is CUPTI available?")
+    return found
+
+
+def _copy_bandwidth(device: torch.device) -> float:
+    """Bytes per second (read plus written) that a flat device-to-device ``copy_`` of ``COPY_BYTES`` moves."""
+    source = torch.ones(COPY_BYTES, dtype=torch.uint8, device=device)
+    target = torch.empty_like(source)
+    return 2 * COPY_BYTES / (1e-6 * _time_us(partial(target.copy_, source), device, 20))
+
+
+@contextmanager
+def _deterministic_cudnn() -> Iterator[None]:
+    """cuDNN kernels chosen the same way at every call, so two runs of one input give the same bits."""
+    kept = torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = kept
+
+
+def _convnet() -> nn.Module:
+    """A small convnet with BatchNorm: 3 x 16 x 16 images in, 10 logits out."""
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1),
+        nn.BatchNorm2d(16),
+        nn.ReLU(),
+        nn.Conv2d(16, 32, 3, padding=1, stride=2),
+        nn.BatchNorm2d(32),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(32, 10),
+    )
 
 
 @contextmanager
@@ -335,6 +421,66 @@ def check_floor(device: torch.device, keys: Sequence[str]) -> dict[str, Any]:
     return results
 
 
+def check_update_vs_floor(device: torch.device, keys: Sequence[str]) -> dict[str, Any]:
+    """The update of fp32 and bf16 students (float32 shadows, bf16 mirrors) against the bandwidth floor: the
+    ``BYTES_PER_ELEMENT`` that one pass must move, at the speed of a flat device copy measured in the same run.
+
+    No eager kernel does a bf16 update in one pass (``lerp_`` takes one dtype), so the floor is a bandwidth, not
+    a kernel; for fp32 the flat ``lerp_`` of as many elements is timed too. The goal (at most 1.2x the floor) is
+    reported, not asserted.
+    """
+    _needs_cuda(device)
+    bandwidth = _copy_bandwidth(device)
+    results: dict[str, Any] = {"device copy GB/s (read + written)": bandwidth / 1e9}
+    for spec in MODELS:
+        if spec.key not in keys:
+            continue
+        for dtype in (torch.float32, torch.bfloat16):
+            torch.manual_seed(0)
+            model = spec.build().to(device, dtype)
+            ema = ModelEMA(model, handle_buffers="update")
+            elements = describe(model)["averaged_elements"]
+            moved = BYTES_PER_ELEMENT * elements
+            ours = _time_us(partial(ema.update, 2e-4), device, 50)
+            floor = 1e6 * moved / bandwidth
+            row = {
+                "elements": elements,
+                "ours us": ours,
+                "floor us": floor,
+                "x floor": ours / floor,
+                "ours GB/s": moved / ours / 1e3,
+            }
+            if dtype == torch.float32:
+                flat_ema, flat_student = torch.zeros(elements, device=device), torch.ones(elements, device=device)
+                lerp = _time_us(partial(flat_ema.lerp_, flat_student, 2e-4), device, 50)
+                row |= {"flat lerp_ us": lerp, "x flat lerp_": ours / lerp}
+            results[f"{spec.title}, {str(dtype).removeprefix('torch.')}"] = row
+    return results
+
+
+def check_launches_per_update(device: torch.device, keys: Sequence[str]) -> dict[str, Any]:
+    """What one update runs on the GPU (kernels, copies, fills), on every stream, as ``torch.profiler`` records it:
+    fp32 and bf16 students, synchronous and asynchronous updates (their waits included)."""
+    _needs_cuda(device)
+    results: dict[str, Any] = {}
+    for spec in MODELS:
+        if spec.key not in keys:
+            continue
+        for dtype in (torch.float32, torch.bfloat16):
+            model = spec.build().to(device, dtype)
+            counts: dict[str, Any] = {"tensors": describe(model)["tensors"]}
+            for asynchronous in (False, True):
+                ema = ModelEMA(model, handle_buffers="update", asynchronous=asynchronous)
+                ema.update(0.1)  # scratch memory, streams and events are made at the first update
+                ema.wait()
+                # The waits are part of the cost: an asynchronous update waits for the one before it.
+                counts["asynchronous" if asynchronous else "synchronous"] = _device_activities(
+                    partial(_updates_then_wait, ema, UPDATES), UPDATES
+                )
+            results[f"{spec.title}, {str(dtype).removeprefix('torch.')}"] = counts
+    return results
+
+
 def check_race_cpu_ema(device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
     """``device="cpu"``: the update copies the student off the GPU, and must wait for that copy before averaging."""
     _needs_cuda(device)
@@ -418,6 +564,136 @@ def check_race_swap_pinned_student(device: torch.device) -> dict[str, Any]:
     return {"elements": sum(t.numel() for t in own.values()), "queued uploads read": "the student's values"}
 
 
+def _trained_beside(device: torch.device, ema_device: str | None, dtype: torch.dtype, steps: int) -> dict[str, Any]:
+    """One student trained with SGD and two EMAs of it, one synchronous and one asynchronous: both must hold the
+    same bits at the end (tensors, ``state_dict()``) and give the same teacher outputs on the way.
+
+    One student rather than two trained alike: its backward passes need not be deterministic. The teacher runs
+    on every other step only, so that on the others the optimiser's step pre-hook alone orders the step after the
+    asynchronous update's reads of the student.
+    """
+    torch.manual_seed(0)
+    student = _convnet().to(device, dtype)
+    optimizer = torch.optim.SGD(student.parameters(), lr=0.1, momentum=0.9)
+    emas = [
+        ModelEMA(student, "update", momentum=0.25, device=ema_device, asynchronous=asynchronous)
+        for asynchronous in (False, True)
+    ]
+    teacher_device = torch.device(ema_device) if ema_device is not None else device
+    batches = [torch.randn(8, 3, 16, 16, device=device, dtype=dtype) for _ in range(steps)]
+    outputs: list[list[Tensor]] = [[], []]
+    for step, batch in enumerate(batches):
+        student(batch).float().square().mean().backward()
+        if step % 2:
+            with torch.no_grad():
+                for ema, found in zip(emas, outputs, strict=True):
+                    found.append(ema.ema_model(batch.to(teacher_device)))
+        optimizer.step()
+        optimizer.zero_grad()
+        for ema in emas:
+            ema.update()
+    plain, beside = emas
+    beside.wait()  # before reading its tensors directly
+    _assert_same_bits(named_tensors(beside.ema_model), named_tensors(plain.ema_model), "the asynchronous EMA model")
+    _assert_same_bits(beside.state_dict()["tensors"], plain.state_dict()["tensors"], "the asynchronous state_dict()")
+    assert beside.num_averaged == plain.num_averaged == steps, (beside.num_averaged, plain.num_averaged)
+    probe = torch.randn(8, 3, 16, 16, dtype=dtype, device=teacher_device)
+    with torch.no_grad():
+        outputs[0].append(plain.ema_model(probe))
+        outputs[1].append(beside.ema_model(probe))
+    teachers = [{str(i): out for i, out in enumerate(found)} for found in outputs]
+    _assert_same_bits(teachers[1], teachers[0], "the asynchronous teacher's output")
+    return {"steps": steps, "teacher forward passes compared": len(outputs[0])}
+
+
+def _raced_step(device: torch.device, ema_device: str | None, dtype: torch.dtype, other_stream: bool) -> None:
+    """``update(1.0)`` started while ~70 ms of GPU work holds back its reads of the student, then an optimiser step
+    that writes the student: its step pre-hook must order the write after those reads, and the EMA must hold the
+    student's values from before the step, bit for bit.
+
+    With ``other_stream`` the step runs on a second stream, which the queued work does not hold back: without
+    the hook its write lands ~70 ms before the EMA's reads, every time. On the same stream both wait for the
+    queued work, and only the hook keeps them in order once it is done.
+    """
+    student = nn.Linear(WIDTH, WIDTH, device=device, dtype=dtype)
+    optimizer = torch.optim.SGD(student.parameters(), lr=1.0)
+    ema = ModelEMA(student, device=ema_device, asynchronous=True)
+    ema.update(1.0)  # the staging memory, the side stream and the step hook are made here, not in the race
+    ema.wait()
+    for param in student.parameters():
+        param.grad = torch.ones_like(param)
+    before = _snapshot(student)
+    torch.cuda.synchronize(device)  # the gradients are ready for a step on any stream
+    torch.cuda._sleep(SLEEP_CYCLES)  # type: ignore[no-untyped-call]
+    ema.update(1.0)  # its reads of the student wait for the queued work
+    writer = torch.cuda.current_stream(device)
+    if other_stream:
+        writer = torch.cuda.Stream(device)  # type: ignore[no-untyped-call]
+    with torch.cuda.stream(writer):
+        optimizer.step()
+    if torch.cuda.current_stream(device).query():
+        raise AssertionError("the GPU finished its queued work at once, so the race did not happen: raise SLEEP_CYCLES")
+    if writer.query():
+        raise AssertionError("the optimiser's step ran before the asynchronous EMA had read the student")
+    ema.wait()
+    torch.cuda.synchronize(device)
+    _assert_same_bits(named_tensors(ema.ema_model), before, "the EMA after a step raced against its update")
+    _assert_same_bits(named_tensors(student), {n: t - 1 for n, t in before.items()}, "the student after the step")
+
+
+def check_async_bit_identical(device: torch.device) -> dict[str, Any]:
+    """Asynchronous updates equal synchronous ones bit for bit: on the same device (a side stream) and with
+    ``device="cpu"`` (copies through pinned memory, averaged by a worker thread), fp32 and bf16 students; in a short
+    training run, and with the optimiser's step raced against the update's reads of the student."""
+    _needs_cuda(device)
+    results: dict[str, Any] = {}
+    with _deterministic_cudnn():
+        for ema_device in (None, "cpu"):
+            where = "device='cpu'" if ema_device else "same device"
+            for dtype in (torch.float32, torch.bfloat16):
+                name = str(dtype).removeprefix("torch.")
+                results[f"training, {where}, {name}"] = _trained_beside(device, ema_device, dtype, steps=6)
+                for other_stream in (False, True):
+                    _raced_step(device, ema_device, dtype, other_stream)
+                results[f"raced step, {where}, {name}"] = "the student's values from before the step, bit for bit"
+    return results
+
+
+def check_async_wait_orders_readers(device: torch.device) -> dict[str, Any]:
+    """``wait()`` orders the caller's stream after an asynchronous same-device update's writes, also when the
+    optimiser's step pre-hook has already released the student on another stream (an optimiser run on a stream of
+    its own, say): the EMA read on the default stream right after ``wait()`` must hold the update's values.
+
+    The update is started on a third stream behind ~70 ms of queued work, so its kernels wait for that work and a
+    read not ordered after them runs first, every time.
+    """
+    _needs_cuda(device)
+    student = nn.Linear(WIDTH, WIDTH, device=device)
+    optimizer = torch.optim.SGD(student.parameters(), lr=1.0)
+    ema = ModelEMA(student, asynchronous=True)
+    ema.update(1.0)  # the side stream, its events and the step hook are made here, not in the race
+    ema.wait()
+    _bump(student.parameters())  # the student now differs from its EMA
+    expected = _snapshot(student)  # what update(1.0) must give
+    for param in student.parameters():
+        param.grad = torch.ones_like(param)
+    held = torch.cuda.Stream(device)  # type: ignore[no-untyped-call]
+    writer = torch.cuda.Stream(device)  # type: ignore[no-untyped-call]
+    torch.cuda.synchronize(device)
+    with torch.cuda.stream(held):
+        torch.cuda._sleep(SLEEP_CYCLES)  # type: ignore[no-untyped-call]
+        ema.update(1.0)  # its kernels wait for the queued work
+    with torch.cuda.stream(writer):
+        optimizer.step()  # the step hook makes `writer` wait for the update's reads of the student
+    ema.wait()  # on the default stream
+    found = _snapshot(ema.ema_model)  # queued on the default stream at once: after the update, if wait() ordered it
+    if held.query():
+        raise AssertionError("the GPU finished its queued work at once, so the race did not happen: raise SLEEP_CYCLES")
+    torch.cuda.synchronize(device)
+    _assert_same_bits(found, expected, "the EMA read on the default stream right after wait()")
+    return {"EMA read right after wait()": "the update's values, bit for bit"}
+
+
 def check_syncs_same_device(device: torch.device) -> dict[str, Any]:
     """No host synchronisation in an update with the EMA beside the student, float32 or bf16 (float32 shadows)."""
     _needs_cuda(device)
@@ -429,6 +705,37 @@ def check_syncs_same_device(device: torch.device) -> dict[str, Any]:
         found[str(dtype)] = syncs = _host_syncs(partial(_updates, ema, UPDATES))
         assert syncs == 0, f"{syncs} host synchronisations in {UPDATES} same-device {dtype} updates"
     return {f"host synchronisations in {UPDATES} updates": found}
+
+
+def _updates_and_steps(ema: ModelEMA, optimizer: torch.optim.Optimizer, count: int) -> None:
+    for _ in range(count):
+        ema.update(0.1)
+        optimizer.step()  # its pre-hook orders the step after the update's reads
+    ema.wait()
+
+
+def _steps(optimizer: torch.optim.Optimizer, count: int) -> None:
+    for _ in range(count):
+        optimizer.step()
+
+
+def check_syncs_asynchronous(device: torch.device) -> dict[str, Any]:
+    """No host synchronisation in an asynchronous same-device update, float32 or bf16: nor in the optimiser's wait
+    for it (its step pre-hook), nor in ``wait()``; the syncs the optimiser makes on its own are subtracted."""
+    _needs_cuda(device)
+    found = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        student = nn.Sequential(nn.Linear(256, 256), nn.BatchNorm1d(256)).to(device, dtype)
+        optimizer = torch.optim.SGD(student.parameters(), lr=0.1)
+        for param in student.parameters():
+            param.grad = torch.ones_like(param)
+        ema = ModelEMA(student, "update", asynchronous=True)
+        _updates_and_steps(ema, optimizer, 1)  # the side stream, its events and the step hook are made here
+        alone = _host_syncs(partial(_steps, optimizer, UPDATES))
+        syncs = _host_syncs(partial(_updates_and_steps, ema, optimizer, UPDATES)) - alone
+        found[str(dtype)] = syncs
+        assert syncs == 0, f"{syncs} host synchronisations in {UPDATES} asynchronous same-device {dtype} updates"
+    return {f"host synchronisations in {UPDATES} updates, steps and a wait, less the steps'": found}
 
 
 def check_syncs_cross_device(device: torch.device) -> dict[str, Any]:
@@ -481,6 +788,67 @@ def check_model_state_dict(device: torch.device) -> dict[str, Any]:
         assert peak[0] <= SLACK_BYTES, f"model_state_dict() took {peak[0]} B of device memory"
         result["peak extra device memory B"] = peak[0]
     return result
+
+
+def check_async_step_overhead(device: torch.device) -> dict[str, Any]:
+    """What an EMA adds to a training step of tens of ms: a bf16 stack of ``STEP_LAYERS`` TransformerEncoder layers
+    of width ``STEP_WIDTH`` (~100M parameters, float32 shadows), AdamW, ``STEP_BATCH`` sequences x tokens.
+
+    Side by side: no EMA (before and after the EMAs on the GPU, their mean the baseline), an EMA on the GPU
+    updated synchronously and asynchronously, and one on the CPU (``device="cpu"``) updated at every step and at
+    every ``SPARSE_EVERY``-th, synchronously and asynchronously. Each time runs from a synchronised GPU to the end of
+    the last update (``wait()``), over whole periods of updates.
+    """
+    _needs_cuda(device)
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(
+        STEP_WIDTH, 16, 4 * STEP_WIDTH, dropout=0.0, batch_first=True, device=device, dtype=torch.bfloat16
+    )
+    model = nn.TransformerEncoder(layer, num_layers=STEP_LAYERS, enable_nested_tensor=False)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
+    batch = torch.randn(*STEP_BATCH, STEP_WIDTH, device=device, dtype=torch.bfloat16)
+
+    def step_ms(ema: ModelEMA | None, every: int, steps: int) -> float:
+        def step(index: int) -> None:
+            model(batch).float().square().mean().backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if ema is not None and (index + 1) % every == 0:
+                ema.update(2e-4)
+
+        for index in range(3):  # warm-up
+            step(index)
+        if ema is not None:
+            ema.wait()
+        torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        for index in range(steps):
+            step(index)
+        if ema is not None:
+            ema.wait()
+        torch.cuda.synchronize(device)
+        return 1e3 * (time.perf_counter() - start) / steps
+
+    def with_ema(where: str | None, every: int, asynchronous: bool) -> tuple[str, float]:
+        ema = ModelEMA(model, device=where, asynchronous=asynchronous)
+        ema.update(2e-4)  # scratch and pinned staging memory are taken here, not in the timed steps
+        ema.wait()
+        label = f"EMA on the {'CPU' if where else 'GPU'}, every {every} step(s), "
+        # One update in a sparse EMA's timed steps; several in an every-step one's.
+        steps = every if every > 1 else TIMED_STEPS
+        return label + ("asynchronous" if asynchronous else "synchronous"), step_ms(ema, every, steps)
+
+    # The EMAs beside the student between two runs without: the ratios closest to 1 are measured side by side.
+    before = step_ms(None, 1, TIMED_STEPS)
+    timed = dict(with_ema(None, 1, asynchronous) for asynchronous in (False, True))
+    after = step_ms(None, 1, TIMED_STEPS)
+    timed |= dict(with_ema("cpu", every, asynchronous) for every in (1, SPARSE_EVERY) for asynchronous in (False, True))
+    baseline = (before + after) / 2
+    return {
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "no EMA, ms per step (before, after)": (before, after),
+        **{label: {"ms per step": ms, "x no EMA": ms / baseline} for label, ms in timed.items()},
+    }
 
 
 def check_fsdp2_state_dict(device: torch.device) -> dict[str, Any]:
@@ -571,7 +939,9 @@ def _tidy(device: torch.device) -> str | None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.gpu_check", description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda", help="cuda (default) or cpu")
-    parser.add_argument("--models", nargs="+", default=[m.key for m in MODELS], help="models for the floor check")
+    parser.add_argument(
+        "--models", nargs="+", default=[m.key for m in MODELS], help="models for the floor and launch checks"
+    )
     parser.add_argument("--only", nargs="+", default=[], help="run only the checks whose names contain one of these")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
@@ -588,6 +958,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "CPU EMA of a CUDA student": partial(check_cpu_ema_of_a_cuda_student, device),
         "skip_nonfinite": partial(check_skip_nonfinite, device),
         "update against the floor": partial(check_floor, device, args.models),
+        "update_vs_floor: fp32 and bf16 against the bandwidth floor": partial(
+            check_update_vs_floor, device, args.models
+        ),
+        "launches_per_update: on the GPU, per update": partial(check_launches_per_update, device, args.models),
         "race: fp32 student, device=cpu": partial(check_race_cpu_ema, device, torch.float32),
         "race: bf16 student, device=cpu": partial(check_race_cpu_ema, device, torch.bfloat16),
         "race: copied buffers into a pinned EMA model": partial(check_race_copied_buffers, device),
@@ -595,11 +969,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         "race: copy_student into a pinned EMA model": partial(check_race_copy_student, device),
         "race: swap with a CPU EMA": partial(check_race_swap_cpu_ema, device),
         "race: swap of a pinned student": partial(check_race_swap_pinned_student, device),
+        "async_bit_identical: side stream and pinned pipeline": partial(check_async_bit_identical, device),
+        "async_wait_orders_readers: wait() after a step on another stream": partial(
+            check_async_wait_orders_readers, device
+        ),
         "host syncs: same-device update": partial(check_syncs_same_device, device),
+        "host syncs: asynchronous same-device update": partial(check_syncs_asynchronous, device),
         "host syncs: cross-device update": partial(check_syncs_cross_device, device),
         "memory: construction with device=cpu": partial(check_memory_construction, device),
         "memory: model_state_dict": partial(check_model_state_dict, device),
         "memory: FSDP2 state_dict on one GPU": partial(check_fsdp2_state_dict, device),
+        "async_step_overhead: a transformer's training step": partial(check_async_step_overhead, device),
         "NCCL group, CPU EMA, sync_buffers": partial(check_nccl_cpu_ema, device),
         "device='cuda' index": partial(check_device_index, device),
     }
