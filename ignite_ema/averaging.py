@@ -287,6 +287,11 @@ class TensorCopier:
         self.sources = [s.detach() for s in sources]
         self._groups = _Pairs.group(self.targets, self.sources)
 
+    @property
+    def groups(self) -> list[_Pairs]:
+        """The ``(target, source)`` pairs as grouped for one multi-tensor call each."""
+        return self._groups
+
     @torch.no_grad()
     def copy(self) -> None:
         """``target.copy_(source)`` for every pair."""

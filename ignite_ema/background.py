@@ -23,6 +23,11 @@ Where the work runs depends on the devices:
   event; a worker thread averages chunk ``k`` as soon as it has landed, while
   the later ones are in flight. The optimiser waits (on the device) for the
   copies only, not for the host's averaging.
+
+Buffers, which forward passes write, are read before the call returns: on the
+host or the GPU's current stream, and for an EMA on the CPU of a CUDA student,
+by copies queued on the current stream (ordered before the next forward pass,
+with no host synchronisation) that the worker thread finishes.
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-from ignite_ema.averaging import ShadowAverager
+from ignite_ema.averaging import ShadowAverager, TensorCopier
 
 __all__ = ["Background", "WaitBeforeForward", "release_students"]
 
@@ -92,13 +97,30 @@ class Background:
         self.__dict__.update(state)
         self._init_runtime()
 
-    def start(self, averager: ShadowAverager, momentum: float, finish: Callable[[], None]) -> None:
-        """Start ``averager.update(momentum)`` then ``finish()``, and return; the previous update must be waited for."""
+    def start(
+        self,
+        averager: ShadowAverager,
+        momentum: float,
+        finish: Callable[[], None],
+        *,
+        buffers: ShadowAverager,
+        copies: TensorCopier,
+    ) -> None:
+        """Start ``averager.update(momentum)`` then ``finish()``, and return; the previous update must be waited for.
+
+        ``buffers.update(momentum)`` and ``copies.copy()`` read what the next forward pass may write (buffers): they
+        read it in the call, or, off a GPU, through copies queued on the current stream before it.
+        """
         assert self._running is None, "wait() for the update in flight before starting another"
+        if self.staged:
+            self._start_staged(averager, momentum, finish, buffers, copies)
+            _IN_FLIGHT.add(self)
+            _install_step_hook()
+            return
+        buffers.update(momentum)
+        copies.copy()
         if self.device.type == "cpu":
             self._running = self._thread().submit(_run, averager, momentum, finish)
-        elif self.staged:
-            self._start_staged(averager, momentum, finish)
         else:
             side = self._stream()
             side.wait_stream(torch.cuda.current_stream(self.device))  # the optimiser's writes come first
@@ -108,9 +130,30 @@ class Background:
         _IN_FLIGHT.add(self)
         _install_step_hook()
 
-    def _start_staged(self, averager: ShadowAverager, momentum: float, finish: Callable[[], None]) -> None:
+    @torch.no_grad()
+    def _start_staged(
+        self,
+        averager: ShadowAverager,
+        momentum: float,
+        finish: Callable[[], None],
+        buffers: ShadowAverager,
+        copies: TensorCopier,
+    ) -> None:
+        current = torch.cuda.current_stream(self.device)
+        # What forward passes write is copied on their stream, so before the next one is queued; on the host, the
+        # worker finishes it once it has landed.
+        off_device = []
+        for group, average in [(g, True) for g in buffers.groups] + [(g, False) for g in copies.groups]:
+            if group.transfer is not None:
+                group.stage(0, len(group.src))
+                off_device.append((group, average))
+            elif average:  # host to host, at once
+                group.average(group.src, momentum)
+            else:
+                group.copy_sources()
+        read = _recorded(current) if off_device else None
         side = self._stream()
-        side.wait_stream(torch.cuda.current_stream(self.device))
+        side.wait_stream(current)
         chunks = []
         with torch.cuda.stream(side):
             for group in averager.groups:
@@ -121,6 +164,13 @@ class Background:
 
         @torch.no_grad()  # grad mode is per thread
         def average_on_host() -> None:
+            if read is not None:
+                read.synchronize()
+            for group, average in off_device:
+                if average:
+                    group.average(group.staging(), momentum)
+                else:
+                    torch._foreach_copy_(group.dst, group.staging())
             for group, start, end, landed in chunks:
                 landed.synchronize()
                 group.average(group.staging(), momentum, start, end)

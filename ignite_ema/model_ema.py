@@ -153,7 +153,8 @@ class ModelEMA:
             are bit-identical: the next ``optimizer.step()`` and every method
             here wait for it, and so does a forward pass of ``ema_model``; user
             code that reads the EMA's tensors otherwise calls :meth:`wait` first.
-            Buffers, which forward passes write, are still read in the call.
+            Buffers, which forward passes write, are read in the call (in
+            stream order on a GPU).
 
     Attributes:
         schedule: the :class:`~ignite_ema.MomentumSchedule` that :meth:`update`
@@ -597,10 +598,10 @@ class ModelEMA:
             self._averager.update(momentum)
             self._after_update()
             return
-        self._averager_in_call.update(momentum)
-        self._copier.copy()
         reshard(self._sharded_ema)
-        self._background.start(self._averager, momentum, self._note_mirrors)
+        self._background.start(
+            self._averager, momentum, self._note_mirrors, buffers=self._averager_in_call, copies=self._copier
+        )
 
     def copy_student(self) -> None:
         """Set the EMA to the student's current values (buffers per the mode): the average restarts there."""
