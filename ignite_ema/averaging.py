@@ -17,6 +17,7 @@ each side, so that a call is one multi-tensor kernel per group:
 
 from __future__ import annotations
 
+import itertools
 import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -150,18 +151,31 @@ class _Pairs:
         return self.staging()
 
     def staging(self) -> list[Tensor]:
-        """Memory of the sources' shapes on the destinations' device, allocated at the first call and kept (pinned
-        on the host for copies off a device, so that they can be asynchronous)."""
+        """Views of the sources' shapes and layouts into one buffer on the destinations' device, allocated at the
+        first call and kept: pinned on the host for copies off a device, so that they can be asynchronous (one
+        buffer, since pinned memory is allocated in powers of two)."""
         if self._staging is None:
             pin = self.dst[0].device.type == "cpu" and self.src[0].device.type != "cpu"
-            self._staging = [torch.empty_like(s, device=self.dst[0].device, pin_memory=pin) for s in self.src]
+            flat = torch.empty(
+                sum(s.numel() for s in self.src), dtype=self.src[0].dtype, device=self.dst[0].device, pin_memory=pin
+            )
+            offsets = itertools.accumulate((s.numel() for s in self.src[:-1]), initial=0)
+            self._staging = [_view_like(flat, offset, s) for offset, s in zip(offsets, self.src, strict=True)]
         return self._staging
 
     def runs(self) -> list[tuple[int, int]]:
         """Consecutive ranges ``[start, end)`` of pairs, each of at most ``WIDENING_CHUNK`` elements or one larger
         tensor: the chunks that a pipelined update stages and averages one after the other (for narrower sources,
-        the chunks that :meth:`lerp_widened` widens)."""
+        the chunks that :meth:`lerp_widened` widens, which must be the same)."""
+        if not self.same_dtype:
+            if self._widening is None:
+                self._widening = _widening_plan(self.dst)
+            return [(start, end) for start, end, _ in self._widening]
         return [(start, end) for start, end, _ in _runs(self.dst, _capacity(self.dst))]
+
+    def __getstate__(self) -> dict[str, object]:
+        """Pickled without its scratch and staging memory (made again at first use, pinned as it must be)."""
+        return {**self.__dict__, "_staging": None, "_widening": None}
 
     def stage(self, start: int, end: int) -> None:
         """Queue the copy of sources ``[start, end)`` into :meth:`staging`, without waiting for it to land."""

@@ -54,9 +54,25 @@ class Background:
     """
 
     def __init__(self) -> None:
-        self._side: torch.cuda.Stream | None = None
         self.device = torch.device("cpu")
         self.staged = False  # an EMA on the CPU of a CUDA student: copied through pinned memory, averaged on the host
+        self._init_runtime()
+
+    def _init_runtime(self) -> None:
+        self._pool: ThreadPoolExecutor | None = None
+        self._side: torch.cuda.Stream | None = None
+        self._running: Future[None] | None = None  # the host part of the update in flight
+        # The device part of the last update: the student's writers wait for it (staged: for the copies), and so does
+        # every reader, on whatever stream it reads, so it is kept until the next update replaces it.
+        self._done: torch.cuda.Event | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled idle: the update in flight is finished first, threads and streams are made anew."""
+        self.wait()
+        return {"device": self.device, "staged": self.staged}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
         self._init_runtime()
 
     def place(self, students: list[Tensor], shadows: list[Tensor]) -> None:
@@ -76,26 +92,9 @@ class Background:
                 f"device, with its EMA on the same device or on the CPU; found {pairs}. Leave asynchronous=False here"
             )
         self.wait()
-        if student != self.device:
-            self._side = None  # a stream of the old device
+        if student != self.device:  # the stream and the event belong to the old device
+            self._side, self._done = None, None
         self.device, self.staged = student, student.type == "cuda" and ema.type == "cpu"
-
-    def _init_runtime(self) -> None:
-        self._pool: ThreadPoolExecutor | None = None
-        self._side = None
-        self._running: Future[None] | None = None  # the host part of the update in flight
-        # The device part of the last update: the student's writers wait for it (staged: for the copies), and so does
-        # every reader, on whatever stream it reads, so it is kept until the next update replaces it.
-        self._done: torch.cuda.Event | None = None
-
-    def __getstate__(self) -> dict[str, Any]:
-        """Pickled idle: the update in flight is finished first, threads and streams are made anew."""
-        self.wait()
-        return {"device": self.device, "staged": self.staged}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-        self._init_runtime()
 
     def start(
         self,
@@ -112,23 +111,24 @@ class Background:
         read it in the call, or, off a GPU, through copies queued on the current stream before it.
         """
         assert self._running is None, "wait() for the update in flight before starting another"
+        # Registered first: whatever of the update gets queued, the next optimiser step waits for it.
+        _STARTED.add(self)
+        _install_step_hook()
         if self.staged:
             self._start_staged(averager, momentum, finish, buffers, copies)
-            _IN_FLIGHT.add(self)
-            _install_step_hook()
             return
         buffers.update(momentum)
         copies.copy()
         if self.device.type == "cpu":
             self._running = self._thread().submit(_run, averager, momentum, finish)
-        else:
-            side = self._stream()
-            side.wait_stream(torch.cuda.current_stream(self.device))  # the optimiser's writes come first
-            with torch.cuda.stream(side):
+            return
+        side = self._stream()
+        side.wait_stream(torch.cuda.current_stream(self.device))  # the optimiser's writes come first
+        with torch.cuda.stream(side):
+            try:
                 _run(averager, momentum, finish)
+            finally:  # also after an error part-way: what was queued is waited for
                 self._done = _recorded(side)
-        _IN_FLIGHT.add(self)
-        _install_step_hook()
 
     @torch.no_grad()
     def _start_staged(
@@ -156,47 +156,60 @@ class Background:
         side.wait_stream(current)
         chunks = []
         with torch.cuda.stream(side):
-            for group in averager.groups:
-                for start, end in group.runs():
-                    group.stage(start, end)
-                    chunks.append((group, start, end, _recorded(side)))
-        self._done = chunks[-1][3] if chunks else None
+            try:
+                for group in averager.groups:
+                    for start, end in group.runs():
+                        group.stage(start, end)
+                        chunks.append((group, start, end, _recorded(side)))
+            finally:
+                self._done = _recorded(side)
+        device = self.device
 
         @torch.no_grad()  # grad mode is per thread
         def average_on_host() -> None:
-            if read is not None:
-                read.synchronize()
-            for group, average in off_device:
-                if average:
-                    group.average(group.staging(), momentum)
-                else:
-                    torch._foreach_copy_(group.dst, group.staging())
-            for group, start, end, landed in chunks:
-                landed.synchronize()
-                group.average(group.staging(), momentum, start, end)
+            with torch.cuda.device(device):  # a new thread's current device is the first GPU
+                if read is not None:
+                    read.synchronize()
+                for group, average in off_device:
+                    if average:
+                        group.average(group.staging(), momentum)
+                    else:
+                        torch._foreach_copy_(group.dst, group.staging())
+                for group, start, end, landed in chunks:
+                    landed.synchronize()
+                    group.average(group.staging(), momentum, start, end)
             finish()
 
         self._running = self._thread().submit(average_on_host)
 
     def release_student(self) -> None:
-        """Return when the student may be written: the update in flight has read it, or the device stream that
-        writes it will wait until it has."""
-        if self._done is not None:
-            torch.cuda.current_stream(self.device).wait_event(self._done)
+        """Return when the student may be written: the last update has read it, or the caller's current stream (the
+        one that writes it) will wait until it has."""
+        self._order_current_stream()
         if not self.staged:  # on the host, the worker reads the student to the end
             self._join()
-        _IN_FLIGHT.discard(self)
 
     def wait(self) -> None:
-        """Return when the update in flight is over for every reader: its host part done, and the caller's current
-        stream ordered after its device part. An error raised by the update is raised here."""
-        self.release_student()
+        """Return when the last update is over for every reader: its host part done, and the caller's current stream
+        ordered after its device part. An error raised by the update is raised here."""
+        self._order_current_stream()
         self._join()
 
+    def _order_current_stream(self) -> None:
+        if self._done is not None:
+            torch.cuda.current_stream(self.device).wait_event(self._done)
+
     def _join(self) -> None:
-        running, self._running = self._running, None
-        if running is not None:
+        # Several threads may wait (an evaluator's forward beside the training loop): each waits for the result,
+        # and the update counts as finished only once it is.
+        running = self._running
+        if running is None:
+            return
+        try:
             running.result()
+        finally:  # done, or failed: its error is raised once
+            if self._running is running:
+                self._running = None
 
     def _thread(self) -> ThreadPoolExecutor:
         if self._pool is None:
@@ -215,14 +228,17 @@ def _run(averager: ShadowAverager, momentum: float, finish: Callable[[], None]) 
 
 
 def _recorded(stream: torch.cuda.Stream) -> torch.cuda.Event:
-    event = torch.cuda.Event()  # type: ignore[no-untyped-call]
+    # Blocking: a host thread that synchronises on it sleeps instead of spinning on a core.
+    event = torch.cuda.Event(blocking=True)  # type: ignore[no-untyped-call]
     event.record(stream)
     return event
 
 
-# Updates started and not yet released: the optimiser's step pre-hook waits for each (weakly held: a collected EMA
-# has nothing left to wait for).
-_IN_FLIGHT: weakref.WeakSet[Background] = weakref.WeakSet()
+# Every EMA that has started an update, weakly held (a collected EMA has nothing left to wait for): before each
+# optimiser step, each makes the step's stream wait for its last update's reads of the student (a no-op once done).
+# They stay here, rather than leaving once released, because a release on one stream (an evaluator's) says nothing
+# of the stream that will write the student.
+_STARTED: weakref.WeakSet[Background] = weakref.WeakSet()
 _hook_lock = threading.Lock()
 _hook_installed = False
 
@@ -239,7 +255,7 @@ def _install_step_hook() -> None:
 def release_students() -> None:
     """Return when every asynchronous update of the process has read its student: before writing a student by other
     means than an optimiser (a swap of another EMA into it, say)."""
-    for background in list(_IN_FLIGHT):
+    for background in list(_STARTED):
         background.release_student()
 
 

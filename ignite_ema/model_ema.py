@@ -313,7 +313,8 @@ class ModelEMA:
         self._bind(student)
         self._mirror_versions = self._versions()
         if self._background is not None and self._ema_model is not None:
-            self._ema_model.register_forward_pre_hook(WaitBeforeForward(self._background))
+            # First, before FSDP2's own pre-forward hook starts gathering the EMA's shards.
+            self._ema_model.register_forward_pre_hook(WaitBeforeForward(self._background), prepend=True)
 
     def __del__(self) -> None:
         # On a GPU, an asynchronous update may still be writing the EMA's tensors on its side stream: the stream that
@@ -442,14 +443,16 @@ class ModelEMA:
         return tuple(n for n, r in self._records.items() if r.role == role)
 
     def _bind(self, student: Mapping[str, Tensor]) -> None:
-        self._watch = TensorWatch(self.model, list(student))  # the objects looked up now, not those of the last bind
         shards = {n: local(t) for n, t in student.items()}
+        if self._background is not None:  # refused before anything is rebound
+            self._background.place(
+                [shards[n] for n in self._in_background], [self._records[n].state for n in self._in_background]
+            )
+        self._watch = TensorWatch(self.model, list(student))  # the objects looked up now, not those of the last bind
         averaged, copied = self._names(AVERAGED), self._names(COPIED)
         self._warn_about_layouts(averaged, shards)
         self._averager.bind([shards[n] for n in self._in_background])
         self._averager_in_call.bind([shards[n] for n in self._in_call])
-        if self._background is not None:
-            self._background.place(self._averager.students, self._averager.shadows)
         self._copier = TensorCopier([self._records[n].target for n in copied], [shards[n] for n in copied])
         self._finite = FiniteCheck([shards[n] for n in (*averaged, *copied)])
         self._finite_names = [n for n in (*averaged, *copied) if _can_be_nonfinite(shards[n])]

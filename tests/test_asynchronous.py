@@ -376,6 +376,27 @@ def test_an_error_in_the_worker_is_raised_at_the_next_wait_point(monkeypatch: py
         WAITS[name](rig, nullcontext())
 
 
+def test_a_step_waits_even_while_another_thread_waits_for_the_same_update(monkeypatch: pytest.MonkeyPatch) -> None:
+    # An evaluator thread's forward pass waits for the update in flight; the training loop's optimizer step, which
+    # comes while it waits, must wait too, and not take the other's wait for its own.
+    reference = _rig(False)
+    reference.ema.update()
+    want = _after_step(reference, nullcontext())
+
+    gate = Gate(monkeypatch)
+    rig = _rig(True)
+    rig.ema.update()
+    assert gate.entered.wait(5)
+    evaluator = threading.Thread(target=_forward, args=(rig,))
+    evaluator.start()
+    time.sleep(0.05)  # the evaluator is waiting now
+    timed = Timed(gate)  # opens the gate HELD_FOR after the step starts
+    got = _after_step(rig, timed)
+    evaluator.join()
+    assert timed.elapsed >= 0.75 * HELD_FOR, f"the step returned after {timed.elapsed:.3f} s, before the update"
+    assert _equal(got, want), "the step wrote the student while the update in flight still read it"
+
+
 @pytest.mark.parametrize("other_asynchronous", [False, True])
 def test_swapping_another_ema_into_the_student_waits_for_an_update_reading_it(
     monkeypatch: pytest.MonkeyPatch, other_asynchronous: bool
