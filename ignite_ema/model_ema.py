@@ -31,7 +31,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -286,6 +286,19 @@ class ModelEMA:
         self._follows_device = placed is None and all(targets[n].device == local(t).device for n, t in student.items())
         self._has_statistics = any(r.is_buffer and r.dtype.is_floating_point for r in self._records.values())
 
+        self._link(student)
+        self._swapped = False
+        self._warned: set[str] = set()
+        self._bind(student)
+        self._mirror_versions = self._versions()
+        if self._background is not None and self._ema_model is not None:
+            # First, before FSDP2's own pre-forward hook starts gathering the EMA's shards.
+            self._ema_model.register_forward_pre_hook(WaitBeforeForward(self._background), prepend=True)
+
+    def _link(self, student: Mapping[str, Tensor]) -> None:
+        """Build what updates act on from the records and ``student``'s tensors: the averagers, the mirror copier,
+        the buffers' rank average."""
+        averaged = self._names(AVERAGED)
         # Asynchronous updates average in the background what only the optimiser writes (parameters), and in the
         # call what forward passes write too (buffers).
         self._in_call = [n for n in averaged if self._background is not None and self._records[n].is_buffer]
@@ -308,13 +321,28 @@ class ModelEMA:
         self._buffer_average = RankAverage(
             [r.state for r in self._records.values() if r.is_buffer and r.dtype.is_floating_point]
         )
-        self._swapped = False
-        self._warned: set[str] = set()
+
+    def __getstate__(self) -> dict[str, Any]:
+        """What pickling, ``torch.save`` and ``copy.deepcopy`` keep: everything, once the update in flight is over."""
+        if self._swapped:
+            raise RuntimeError("a ModelEMA cannot be pickled or copied while it is swapped into the student")
+        self.wait()
+        return self.__dict__.copy()
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Pair a copy with its own modules' tensors: a copied parameter does not share its storage with the copied
+        tensors that viewed the original (``nn.Parameter.__deepcopy__`` clones; plain pickle shares nothing)."""
+        self.__dict__.update(state)
+        if self._ema_model is not None:
+            now = {n: local(t) for n, t in named_tensors(self._ema_model).items()}
+            self._records = {
+                n: replace(r, target=now[n], state=now[n] if r.state is r.target else r.state)
+                for n, r in self._records.items()
+            }
+        student = named_tensors(self.model)
+        self._link(student)
         self._bind(student)
         self._mirror_versions = self._versions()
-        if self._background is not None and self._ema_model is not None:
-            # First, before FSDP2's own pre-forward hook starts gathering the EMA's shards.
-            self._ema_model.register_forward_pre_hook(WaitBeforeForward(self._background), prepend=True)
 
     def __del__(self) -> None:
         # On a GPU, an asynchronous update may still be writing the EMA's tensors on its side stream: the stream that

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import io
+import pickle
 import subprocess
 import sys
 import warnings
@@ -656,6 +657,57 @@ assert torch.allclose(ema.ema_model.head.weight, 0.5 * old + 3.5), ema.ema_model
 """
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert result.returncode == 0, result.stderr
+
+
+_COPIES = {
+    "deepcopy": copy.deepcopy,
+    "pickle": lambda obj: pickle.loads(pickle.dumps(obj)),
+    "torch.save": lambda obj: _through_torch_save(obj),
+}
+
+
+def _through_torch_save(obj: object) -> object:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=False)
+
+
+@pytest.mark.parametrize("how", list(_COPIES))
+@pytest.mark.parametrize(
+    ("dtype", "kwargs"),
+    [(torch.float32, {}), (torch.bfloat16, {}), (torch.float32, {"tensors_only": True})],
+    ids=["float32", "bf16 with float32 shadows", "tensors_only"],
+)
+def test_a_copied_ema_goes_on_averaging_its_own_student(how: str, dtype: torch.dtype, kwargs: dict[str, bool]) -> None:
+    # A copy of the EMA holds a copy of its student (Python's copy semantics); it must keep averaging that one into
+    # its own tensors, and leave the original alone. Copied parameters do not share storage with copied views of them.
+    model = BNNet().to(dtype)
+    ema = ModelEMA(model, "update", momentum=0.25, **kwargs)
+    model(image_batches(1)[0].to(dtype))  # statistics the EMA has not seen
+    ema.update()
+    original = {k: v.clone() for k, v in ema.state_dict()["tensors"].items()}
+    clone: ModelEMA = _COPIES[how](ema)  # type: ignore[operator]
+    assert clone.model is not model
+    with torch.no_grad():
+        for tensor in [*clone.model.parameters(), clone.model.bn.running_mean]:
+            tensor.fill_(4.0)
+    clone.update()
+    got = clone.state_dict()["tensors"]
+    for name in ("conv.weight", "head.bias", "bn.running_mean"):
+        torch.testing.assert_close(got[name], 0.75 * original[name] + 0.25 * 4.0)  # in the shadow's dtype
+    module = dict(clone.model_state_dict())
+    torch.testing.assert_close(module["conv.weight"], got["conv.weight"].to(dtype))  # the mirror follows
+    if clone.has_ema_model:
+        assert torch.equal(clone.ema_model.conv.weight, got["conv.weight"].to(dtype))
+    for name, value in ema.state_dict()["tensors"].items():
+        assert torch.equal(value, original[name]), f"the original EMA's '{name}' moved"
+
+
+def test_a_swapped_ema_cannot_be_copied() -> None:
+    _model, ema = _ema_of_bnnet()
+    with ema.swapped(), pytest.raises(RuntimeError, match="cannot be pickled or copied while it is swapped"):
+        copy.deepcopy(ema)
 
 
 class _WithExtraState(nn.Linear):
