@@ -286,18 +286,16 @@ class ModelEMA:
         self._follows_device = placed is None and all(targets[n].device == local(t).device for n, t in student.items())
         self._has_statistics = any(r.is_buffer and r.dtype.is_floating_point for r in self._records.values())
 
-        self._link(student)
         self._swapped = False
         self._warned: set[str] = set()
-        self._bind(student)
-        self._mirror_versions = self._versions()
+        self._link(student)
         if self._background is not None and self._ema_model is not None:
             # First, before FSDP2's own pre-forward hook starts gathering the EMA's shards.
             self._ema_model.register_forward_pre_hook(WaitBeforeForward(self._background), prepend=True)
 
     def _link(self, student: Mapping[str, Tensor]) -> None:
-        """Build what updates act on from the records and ``student``'s tensors: the averagers, the mirror copier,
-        the buffers' rank average."""
+        """Build what updates act on from the records (the averagers, the mirror copier, the buffers' rank average)
+        and pair it with ``student``'s tensors."""
         averaged = self._names(AVERAGED)
         # Asynchronous updates average in the background what only the optimiser writes (parameters), and in the
         # call what forward passes write too (buffers).
@@ -321,6 +319,8 @@ class ModelEMA:
         self._buffer_average = RankAverage(
             [r.state for r in self._records.values() if r.is_buffer and r.dtype.is_floating_point]
         )
+        self._bind(student)
+        self._mirror_versions = self._versions()
 
     def __getstate__(self) -> dict[str, Any]:
         """What pickling, ``torch.save`` and ``copy.deepcopy`` keep: everything, once the update in flight is over."""
@@ -339,10 +339,7 @@ class ModelEMA:
                 n: replace(r, target=now[n], state=now[n] if r.state is r.target else r.state)
                 for n, r in self._records.items()
             }
-        student = named_tensors(self.model)
-        self._link(student)
-        self._bind(student)
-        self._mirror_versions = self._versions()
+        self._link(named_tensors(self.model))
 
     def __del__(self) -> None:
         # On a GPU, an asynchronous update may still be writing the EMA's tensors on its side stream: the stream that

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -50,6 +51,14 @@ class BNNet(nn.Module):
 def image_batches(n: int, seed: int = 0) -> list[torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
     return [torch.randn(8, 3, 6, 6, generator=gen) for _ in range(n)]
+
+
+def saved_and_loaded(obj: Any) -> Any:
+    """``obj`` through ``torch.save`` and ``torch.load``, in memory (a checkpoint of whole objects)."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=False)
 
 
 def clone_state(handler: EMAHandler) -> dict[str, Any]:

@@ -9,7 +9,6 @@ before the update had read it, and the comparison would catch it.
 from __future__ import annotations
 
 import copy
-import io
 import pickle
 import re
 import threading
@@ -27,7 +26,7 @@ from ignite.handlers import Checkpoint, DiskSaver
 from torch import Tensor, nn
 
 from ignite_ema import EMAHandler, ModelEMA, background
-from tests.helpers import BNNet, clone_state, image_batches
+from tests.helpers import BNNet, clone_state, image_batches, saved_and_loaded
 
 Seen = list[tuple[str, Any]]
 HELD_FOR = 0.1  # seconds a held update waits at the gate: a wait point must take about as long
@@ -572,14 +571,6 @@ def _mean_teacher_step(model: nn.Module, ema: ModelEMA, optimizer: torch.optim.O
     optimizer.step()
 
 
-def _saved_and_loaded(obj: Any) -> Any:
-    """``obj`` through ``torch.save`` and ``torch.load``, in memory (a checkpoint of whole objects)."""
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    buffer.seek(0)
-    return torch.load(buffer, weights_only=False)
-
-
 @pytest.mark.usefixtures("slow_worker")
 def test_an_ema_saved_during_an_update_holds_it_and_goes_on_bit_identically(monkeypatch: pytest.MonkeyPatch) -> None:
     def run(asynchronous: bool) -> Seen:
@@ -599,7 +590,7 @@ def test_an_ema_saved_during_an_update_holds_it_and_goes_on_bit_identically(monk
             assert gate.entered.wait(5)
             timed = Timed(gate)
         with timed:  # waits for the update in flight; the loaded EMA gets a worker of its own
-            model, optimizer, ema = _saved_and_loaded((model, optimizer, ema))
+            model, optimizer, ema = saved_and_loaded((model, optimizer, ema))
         if isinstance(timed, Timed):
             assert timed.elapsed >= 0.75 * HELD_FOR, f"torch.save returned after {timed.elapsed:.3f} s"
         seen: Seen = []
@@ -648,7 +639,7 @@ def test_a_handler_pickled_during_an_update_holds_it_and_goes_on_bit_identically
         if isinstance(timed, Timed):
             assert timed.elapsed >= 0.75 * HELD_FOR, f"pickle.dumps returned after {timed.elapsed:.3f} s"
         seen: Seen = [("pickled", clone_state(pickle.loads(data)))]
-        loaded: EMAHandler = _saved_and_loaded(handler)
+        loaded: EMAHandler = saved_and_loaded(handler)
         teacher = loaded.ema_model
         trainer = trainer_of(loaded.model)
         loaded.attach(trainer)

@@ -11,14 +11,16 @@ import pickle
 import subprocess
 import sys
 import warnings
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from torch import nn
 
 from ignite_ema import ModelEMA, recalibrate_bn
-from tests.helpers import BNNet, image_batches, linear, no_warnings
+from tests.helpers import BNNet, image_batches, linear, no_warnings, saved_and_loaded
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -659,18 +661,11 @@ assert torch.allclose(ema.ema_model.head.weight, 0.5 * old + 3.5), ema.ema_model
     assert result.returncode == 0, result.stderr
 
 
-_COPIES = {
+_COPIES: dict[str, Callable[[Any], Any]] = {
     "deepcopy": copy.deepcopy,
     "pickle": lambda obj: pickle.loads(pickle.dumps(obj)),
-    "torch.save": lambda obj: _through_torch_save(obj),
+    "torch.save": saved_and_loaded,
 }
-
-
-def _through_torch_save(obj: object) -> object:
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    buffer.seek(0)
-    return torch.load(buffer, weights_only=False)
 
 
 @pytest.mark.parametrize("how", list(_COPIES))
@@ -687,7 +682,7 @@ def test_a_copied_ema_goes_on_averaging_its_own_student(how: str, dtype: torch.d
     model(image_batches(1)[0].to(dtype))  # statistics the EMA has not seen
     ema.update()
     original = {k: v.clone() for k, v in ema.state_dict()["tensors"].items()}
-    clone: ModelEMA = _COPIES[how](ema)  # type: ignore[operator]
+    clone: ModelEMA = _COPIES[how](ema)
     assert clone.model is not model
     with torch.no_grad():
         for tensor in [*clone.model.parameters(), clone.model.bn.running_mean]:
